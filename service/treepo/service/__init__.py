@@ -1,0 +1,1 @@
+"""treepo-service: TreePO tree sampling as a service."""

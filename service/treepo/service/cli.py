@@ -1,0 +1,15 @@
+"""The `treepo` command line: one entry point for the service, the trainer, the demo and the benchmarks.
+
+Heavy imports (torch, transformers) stay inside the commands so `treepo --help` is instant.
+"""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(help="TreePO rollout-as-a-service.", no_args_is_help=True, pretty_exceptions_show_locals=False)
+bench = typer.Typer(help="Benchmarks (ratios measured in one run; print JSON with --json).", no_args_is_help=True)
+app.add_typer(bench, name="bench")
+
+# Each command lives beside the code it drives and is registered here.
+# (registrations are appended below as the pieces land)

@@ -1,0 +1,55 @@
+"""The one interface the tree sampler needs from an inference engine."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+
+@dataclass(slots=True)
+class GenerateRequest:
+    """Decode at most `max_new_tokens` after `input_ids` (prompt + path so far)."""
+
+    input_ids: list[int]
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()  # besides the engine's EOS ids; the stop token is kept in output_ids
+
+    def __post_init__(self) -> None:
+        assert self.input_ids, "a request needs at least one input token"
+        assert self.max_new_tokens >= 1, f"{self.max_new_tokens=}"
+
+
+@dataclass(slots=True)
+class GenerateOutput:
+    output_ids: list[int]
+    logprobs: list[float]  # log p of each sampled token under the (unmodified) model distribution
+    finish_reason: Literal["stop", "length"]
+    cached_tokens: int  # input tokens served from the prefix cache
+    prefill_tokens: int  # input tokens the engine had to compute
+    policy_version: int = 0  # weights version that produced the tokens
+    extra: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """An inference engine with prefix caching. One async call per batch of requests."""
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]: ...
+
+    @property
+    def policy_version(self) -> int: ...
+
+    @property
+    def max_context(self) -> int: ...
+
+    async def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateOutput]: ...
+
+    async def update_weights(self, path: str, version: int) -> None: ...
+
+    async def health(self) -> bool: ...

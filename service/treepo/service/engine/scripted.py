@@ -1,0 +1,108 @@
+"""A deterministic engine driven by a script: for tests of the sampler and the service without a model."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable, Sequence
+
+from treepo.service.engine.protocol import GenerateOutput, GenerateRequest
+
+Script = Callable[[list[int], random.Random], list[int]]
+"""(input_ids, rng seeded from the request) -> the tokens the engine 'would' produce (truncated by the engine)."""
+
+
+def random_tokens(vocab_size: int = 50, eos_token_id: int = 0) -> Script:
+    """A script of uniformly random non-EOS tokens: paths only stop by length."""
+
+    def script(input_ids: list[int], rng: random.Random) -> list[int]:
+        return [rng.randrange(eos_token_id + 1, vocab_size) for _ in range(4096)]
+
+    return script
+
+
+class ScriptedEngine:
+    """Implements the `Engine` protocol. Output = script(input_ids) cut at max_new_tokens or the first stop id.
+
+    The rng of each request is seeded from (request seed, input_ids), so equal inputs give equal outputs.
+    `cached_tokens` is the longest prefix of the input seen before as a full (input + output) sequence.
+    """
+
+    def __init__(
+        self,
+        script: Script | None = None,
+        *,
+        eos_token_id: int = 0,
+        max_context: int = 100_000,
+        latency_s: float = 0.0,
+    ) -> None:
+        self.script = script or random_tokens(eos_token_id=eos_token_id)
+        self._eos = (eos_token_id,)
+        self._max_context = max_context
+        self._version = 0
+        self.latency_s = latency_s
+        self.calls: list[list[GenerateRequest]] = []
+        self._seen: set[tuple[int, ...]] = set()
+        self.weights_path: str | None = None
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self._eos
+
+    @property
+    def policy_version(self) -> int:
+        return self._version
+
+    @property
+    def max_context(self) -> int:
+        return self._max_context
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return [len(call) for call in self.calls]
+
+    async def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateOutput]:
+        self.calls.append(list(requests))
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        return [self._one(request) for request in requests]
+
+    def _one(self, request: GenerateRequest) -> GenerateOutput:
+        rng = random.Random(hash((request.seed, tuple(request.input_ids))))
+        stream = self.script(list(request.input_ids), rng)
+        stops = set(self._eos) | set(request.stop_token_ids)
+        output: list[int] = []
+        for token in stream[: request.max_new_tokens]:
+            output.append(token)
+            if token in stops:
+                break
+        finish = "stop" if output and output[-1] in stops else "length"
+        cached = self._cached_prefix(request.input_ids)
+        self._remember(request.input_ids + output)
+        logprobs = [-1.0 - (t % 7) / 7 for t in output]
+        return GenerateOutput(
+            output_ids=output,
+            logprobs=logprobs,
+            finish_reason=finish,
+            cached_tokens=cached,
+            prefill_tokens=len(request.input_ids) - cached,
+            policy_version=self._version,
+        )
+
+    def _cached_prefix(self, input_ids: list[int]) -> int:
+        for n in range(len(input_ids) - 1, 0, -1):  # like SGLang, at least one input token is computed
+            if tuple(input_ids[:n]) in self._seen:
+                return n
+        return 0
+
+    def _remember(self, sequence: list[int]) -> None:
+        for n in range(1, len(sequence) + 1):
+            self._seen.add(tuple(sequence[:n]))
+
+    async def update_weights(self, path: str, version: int) -> None:
+        self.weights_path = path
+        self._version = version
+        self._seen.clear()
+
+    async def health(self) -> bool:
+        return True

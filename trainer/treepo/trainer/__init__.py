@@ -1,0 +1,1 @@
+"""treepo-trainer: TreePO training from trajectory trees pulled off the Redis stream."""
