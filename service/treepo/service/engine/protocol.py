@@ -53,3 +53,21 @@ class Engine(Protocol):
     async def update_weights(self, path: str, version: int) -> None: ...
 
     async def health(self) -> bool: ...
+
+
+class EngineError(RuntimeError):
+    """The engine failed a call; the service maps it to a 5xx (and counts it by reason)."""
+
+    reason = "engine_error"
+
+
+class EngineUnavailable(EngineError):
+    """The engine cannot be reached (connection refused, timeout, 503): retry later (HTTP 503)."""
+
+    reason = "engine_unavailable"
+
+
+class EngineRequestError(EngineError, ValueError):
+    """The engine rejected a request as invalid (e.g. SGLang's HTTP 400): a caller error (HTTP 4xx)."""
+
+    reason = "invalid"
