@@ -1,0 +1,73 @@
+"""PNG plots of a run: reward/accuracy curves and the sampling cost of the tree vs independent sampling."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on servers and in CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_run(
+    records: Sequence[Mapping[str, Any]],
+    path: str | Path,
+    *,
+    evals: Sequence[tuple[int, float]] = (),
+    title: str = "TreePO training",
+) -> Path:
+    """Left: batch reward and accuracy per step, held-out accuracy points. Right: cumulative tokens."""
+    plt = _pyplot()
+    steps = [r["step"] for r in records]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    left.plot(steps, [r.get("accuracy", 0.0) for r in records], label="batch accuracy (train)", alpha=0.7)
+    rescaled = [(r.get("reward_mean", 0.0) + 1) / 2 for r in records]
+    left.plot(steps, rescaled, label="(reward + 1) / 2", alpha=0.5)
+    if evals:
+        xs, ys = [s for s, _ in evals], [a for _, a in evals]
+        left.plot(xs, ys, "o-", color="black", label="held-out accuracy")
+    left.set(xlabel="step", ylabel="share", ylim=(0, 1.02), title="reward and accuracy")
+    left.grid(alpha=0.3)
+    left.legend(loc="lower right", fontsize=8)
+    decoded = list(itertools.accumulate(r.get("decoded_tokens", 0) for r in records))
+    independent = list(itertools.accumulate(r.get("independent_tokens", 0) for r in records))
+    right.plot(steps, independent, label="independent sampling would decode", linestyle="--")
+    right.plot(steps, decoded, label="tree sampler decoded")
+    if independent and independent[-1]:
+        saved = 1 - decoded[-1] / independent[-1]
+        right.set_title(f"sampling cost (tokens saved by the tree: {saved:.0%})")
+    else:
+        right.set_title("sampling cost")
+    right.set(xlabel="step", ylabel="cumulative decoded tokens")
+    right.grid(alpha=0.3)
+    right.legend(loc="upper left", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_comparison(runs: Mapping[str, Sequence[tuple[float, float]]], path: str | Path) -> Path:
+    """Held-out accuracy against wall-clock seconds, one line per variant (`treepo bench train`)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, points in runs.items():
+        ax.plot([t for t, _ in points], [a for _, a in points], "o-", label=name)
+    ax.set(xlabel="wall time (s)", ylabel="held-out accuracy", ylim=(0, 1.02), title="accuracy per second")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
