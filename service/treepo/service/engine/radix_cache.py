@@ -1,0 +1,202 @@
+"""A radix tree over token ids whose nodes own KV-cache slots: the prefix cache of the embedded engine.
+
+Each edge holds a run of token ids (`key`) and the KV-pool slot of each of those tokens (`value`, int64).
+A path root -> node spells a cached token sequence; its KV lives in the concatenated slots. Nodes in use by
+a running batch are locked (`inc_lock_ref` locks the whole path to the root) and never evicted; unlocked
+leaves are evicted least recently used first, and their slots handed to `on_evict` (the pool's free list).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_EMPTY = torch.empty(0, dtype=torch.int64)
+
+
+class TreeNode:
+    """One edge of the radix tree: a run of tokens and their KV slots."""
+
+    __slots__ = ("children", "key", "last_access", "lock_ref", "parent", "value")
+
+    def __init__(
+        self, key: tuple[int, ...] = (), value: torch.Tensor = _EMPTY, parent: TreeNode | None = None
+    ):
+        self.children: dict[int, TreeNode] = {}  # first token of the child's key -> child
+        self.parent = parent
+        self.key = key
+        self.value = value  # (len(key),) int64 KV slots
+        self.lock_ref = 0
+        self.last_access = 0
+
+    @property
+    def is_leaf(self) -> bool:
+        return not self.children
+
+    def __repr__(self) -> str:
+        return f"TreeNode(len={len(self.key)}, lock_ref={self.lock_ref}, children={len(self.children)})"
+
+
+@dataclass(slots=True)
+class MatchResult:
+    """The longest cached prefix of a key: its KV slots and the node where it ends (lock it while in use)."""
+
+    indices: torch.Tensor  # (length,) int64 KV slots of the matched prefix
+    last_node: TreeNode
+
+    @property
+    def length(self) -> int:
+        return int(self.indices.numel())
+
+
+class RadixCache:
+    """Token-id radix tree with reference-counted nodes and LRU eviction (SGLang's vocabulary)."""
+
+    def __init__(self, on_evict: Callable[[torch.Tensor], None] | None = None) -> None:
+        self.on_evict = on_evict or (lambda slots: None)
+        self._clock = itertools.count(1)
+        self.reset()
+
+    # Public API
+
+    def reset(self) -> None:
+        """Drop every node (without calling `on_evict`: the caller resets its pool too)."""
+        self.root = TreeNode()
+        self.root.lock_ref = 1  # the root is never evicted
+        self._evictable = 0
+        self._protected = 0
+
+    def match_prefix(self, key: Sequence[int]) -> MatchResult:
+        """Longest cached prefix of `key`; splits a node so the match ends on a node boundary."""
+        node, pieces, pos = self.root, [], 0
+        key = tuple(key)
+        now = next(self._clock)
+        node.last_access = now
+        while pos < len(key) and (child := node.children.get(key[pos])) is not None:
+            shared = _shared_length(child.key, key, pos)
+            if shared < len(child.key):
+                child = self._split(child, shared)
+            child.last_access = now
+            pieces.append(child.value)
+            pos += shared
+            node = child
+        indices = torch.cat(pieces) if pieces else _EMPTY
+        return MatchResult(indices=indices, last_node=node)
+
+    def insert(self, key: Sequence[int], value: torch.Tensor) -> int:
+        """Cache `key` with KV slots `value`; returns how many leading tokens were already cached.
+
+        The slots `value[:returned]` are not taken by the tree: the caller still owns (and frees) them.
+        """
+        key = tuple(key)
+        assert value.numel() == len(key), f"{value.numel()=} {len(key)=}"
+        node, pos = self.root, 0
+        now = next(self._clock)
+        while pos < len(key) and (child := node.children.get(key[pos])) is not None:
+            shared = _shared_length(child.key, key, pos)
+            if shared < len(child.key):
+                child = self._split(child, shared)
+            child.last_access = now
+            pos += shared
+            node = child
+        if pos < len(key):
+            leaf = TreeNode(key[pos:], value[pos:].clone(), parent=node)
+            leaf.last_access = now
+            node.children[key[pos]] = leaf
+            self._evictable += len(leaf.key)
+        return pos
+
+    def inc_lock_ref(self, node: TreeNode) -> None:
+        """Protect `node` and its ancestors from eviction (one count per user)."""
+        while node is not self.root:
+            if node.lock_ref == 0:
+                self._evictable -= len(node.key)
+                self._protected += len(node.key)
+            node.lock_ref += 1
+            node = node.parent
+
+    def dec_lock_ref(self, node: TreeNode) -> None:
+        """Release one `inc_lock_ref` of `node`."""
+        while node is not self.root:
+            assert node.lock_ref > 0, f"{node=} unlocked more often than locked"
+            node.lock_ref -= 1
+            if node.lock_ref == 0:
+                self._evictable += len(node.key)
+                self._protected -= len(node.key)
+            node = node.parent
+
+    def evict(self, num_tokens: int) -> int:
+        """Free >= `num_tokens` tokens of unlocked leaves, least recently used first; returns the count."""
+        heap = [(leaf.last_access, id(leaf), leaf) for leaf in self._leaves() if leaf.lock_ref == 0]
+        heapq.heapify(heap)
+        freed = 0
+        while freed < num_tokens and heap:
+            _, _, leaf = heapq.heappop(heap)
+            freed += self._remove_leaf(leaf)
+            parent = leaf.parent
+            if parent is not self.root and parent.is_leaf and parent.lock_ref == 0:
+                heapq.heappush(heap, (parent.last_access, id(parent), parent))
+        if freed:
+            logger.debug("evicted %d tokens", freed)
+        return freed
+
+    @property
+    def evictable_size(self) -> int:
+        """Tokens held by unlocked nodes."""
+        return self._evictable
+
+    @property
+    def protected_size(self) -> int:
+        """Tokens held by locked nodes."""
+        return self._protected
+
+    @property
+    def total_size(self) -> int:
+        return self._evictable + self._protected
+
+    # Internal helpers
+
+    def _split(self, child: TreeNode, at: int) -> TreeNode:
+        """Cut `child`'s edge after `at` tokens; returns the new upper node (it inherits the locks)."""
+        upper = TreeNode(child.key[:at], child.value[:at], parent=child.parent)
+        upper.lock_ref = child.lock_ref
+        upper.last_access = child.last_access
+        upper.children[child.key[at]] = child
+        child.parent.children[child.key[0]] = upper
+        child.parent = upper
+        child.key = child.key[at:]
+        child.value = child.value[at:]
+        return upper
+
+    def _remove_leaf(self, leaf: TreeNode) -> int:
+        assert leaf.is_leaf and leaf.lock_ref == 0, f"{leaf=}"
+        del leaf.parent.children[leaf.key[0]]
+        self._evictable -= len(leaf.key)
+        self.on_evict(leaf.value)
+        return len(leaf.key)
+
+    def _leaves(self) -> list[TreeNode]:
+        leaves, stack = [], list(self.root.children.values())
+        while stack:
+            node = stack.pop()
+            if node.is_leaf:
+                leaves.append(node)
+            else:
+                stack.extend(node.children.values())
+        return leaves
+
+
+def _shared_length(edge: tuple[int, ...], key: tuple[int, ...], start: int) -> int:
+    """How many tokens of `edge` match `key[start:]`."""
+    limit = min(len(edge), len(key) - start)
+    n = 0
+    while n < limit and edge[n] == key[start + n]:
+        n += 1
+    return n
