@@ -1,0 +1,46 @@
+"""The sequential baseline: `width` independent samples per prompt, each decoded in one engine request."""
+
+from __future__ import annotations
+
+from treepo.client.schema import FinishReason, SamplingParams, TreeParams
+from treepo.service.engine.batcher import BatchingEngine
+from treepo.service.engine.protocol import GenerateOutput, GenerateRequest
+from treepo.service.sampler.paths import TreeBuilder, derive_seed
+from treepo.service.sampler.rules import StopRules, extract_last_boxed
+
+
+def trajectory_reason(output: GenerateOutput, rules: StopRules, decode_text: str) -> FinishReason:
+    """A whole trajectory's reason: the answer rule on its text, else EOS, else length (no early stops)."""
+    has_eos = bool(output.output_ids) and output.output_ids[-1] in rules.stop_ids
+    boxed = rules.answer_stop != "none" and extract_last_boxed(decode_text) is not None
+    if boxed and (has_eos or rules.answer_stop == "boxed"):
+        return "answer"
+    return "eos" if has_eos else "max_tokens"
+
+
+async def sample_independent(
+    engine: BatchingEngine,
+    builder: TreeBuilder,
+    tree: TreeParams,
+    sampling: SamplingParams,
+    *,
+    base_seed: int,
+) -> None:
+    """All `width` trajectories in one engine call; stored as chains of l-token nodes."""
+    requests = [
+        GenerateRequest(
+            input_ids=list(builder.prompt_ids),
+            max_new_tokens=builder.rules.max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            seed=derive_seed(base_seed, f"seq-{index}"),
+            stop_token_ids=tuple(sampling.stop_token_ids),
+        )
+        for index in range(tree.width)
+    ]
+    outputs, batch_ids = await engine.generate_tracked(requests)
+    builder.batch_ids.update(batch_ids)
+    for index, output in enumerate(outputs):
+        reason = trajectory_reason(output, builder.rules, builder.decode(list(output.output_ids)))
+        builder.add_chain(index, output, tree.segment_tokens, reason)
