@@ -77,7 +77,7 @@ class TestMathVerifyReward:
         from treepo.trainer.rewards import _in_daemon_thread
 
         assert _in_daemon_thread(lambda: True, 1.0) is True
-        with pytest.raises(TimeoutError, match="longer than 0.2 s"):
+        with pytest.raises(TimeoutError, match=r"longer than 0\.2 s"):
             _in_daemon_thread(lambda: time.sleep(1.0) or True, 0.2)
         with pytest.raises(ZeroDivisionError):
             _in_daemon_thread(lambda: bool(1 / 0), 1.0)
