@@ -1,0 +1,214 @@
+"""Consume the trees stream in a Redis consumer group, for any trainer (needs the `redis` extra).
+
+At-least-once delivery: entries stay pending until `ack`; entries a dead consumer held longer than
+`claim_idle_ms` are taken over with XAUTOCLAIM; after a restart, a consumer first re-reads what it held
+itself. An entry that does not decode into a `Tree` goes to the failures stream and is acked, so one bad
+entry never blocks the group.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from pydantic import ValidationError
+
+from treepo.client.constants import DEFAULT_PREFIX, FAILURE_FIELD, TREE_FIELD, failures_stream, trees_stream
+from treepo.client.schema import Tree
+
+logger = logging.getLogger(__name__)
+
+_MAX_RAW_CHARS = 2000  # how much of a corrupt entry the failure record keeps
+
+
+@dataclass(slots=True)
+class StreamedTree:
+    """One delivered tree and the stream entry to acknowledge once it is trained."""
+
+    entry_id: str
+    tree: Tree
+    is_claimed: bool = False  # taken over from another consumer (or redelivered after a restart)
+
+
+class TreeStream:
+    """A consumer `consumer` of group `group` on the `<prefix>:trees` stream."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        group: str,
+        consumer: str,
+        prefix: str = DEFAULT_PREFIX,
+        *,
+        block_ms: int = 1000,
+        claim_idle_ms: int = 60_000,
+    ) -> None:
+        if not group or not consumer:
+            raise ValueError("group and consumer names must be non-empty strings")
+        if block_ms < 0 or claim_idle_ms < 1:
+            raise ValueError(f"need block_ms >= 0 and claim_idle_ms >= 1 (got {block_ms}, {claim_idle_ms})")
+        self.redis = redis.Redis.from_url(
+            redis_url
+        )  # bytes replies: corrupt payloads must not crash decoding
+        self.group, self.consumer, self.prefix = group, consumer, prefix
+        self.stream = trees_stream(prefix)
+        self.failures = failures_stream(prefix)
+        self.block_ms, self.claim_idle_ms = block_ms, claim_idle_ms
+        self.num_corrupt = 0
+        self._in_flight: set[str] = set()  # delivered to this object, not yet acked
+        self._claim_cursor = "0-0"
+        self._has_read_own_pending = False
+        self._own_cursor = "0"
+
+    # Public API
+
+    def ensure_group(self) -> None:
+        """Create the group (and the stream) reading from the start; an existing group is kept."""
+        try:
+            self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except redis.ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+
+    def read(self, count: int = 1) -> list[StreamedTree]:
+        """Up to `count` trees: own pending entries after a restart, then idle entries of dead
+        consumers, then new entries (blocking up to block_ms only when nothing else was found)."""
+        if count < 1:
+            raise ValueError(f"count must be >= 1 (got {count})")
+        trees: list[StreamedTree] = []
+        if not self._has_read_own_pending:
+            trees += self._read_own_pending(count)
+        if len(trees) < count:
+            trees += self._autoclaim(count - len(trees))
+        if len(trees) < count:
+            block = None if trees else self.block_ms
+            trees += self._read_new(count - len(trees), block)
+        return trees
+
+    def ack(self, entry_ids: Iterable[str]) -> int:
+        """Acknowledge entries; returns how many were pending."""
+        ids = list(entry_ids)
+        if not ids:
+            return 0
+        self._in_flight.difference_update(ids)
+        return int(self.redis.xack(self.stream, self.group, *ids))
+
+    def pending(self) -> int:
+        """Entries delivered to the group and not yet acknowledged (all consumers)."""
+        return int(self.redis.xpending(self.stream, self.group)["pending"])
+
+    def lag(self) -> int | None:
+        """Entries not yet delivered to the group (Redis >= 7), None if unknown."""
+        for info in self.redis.xinfo_groups(self.stream):
+            if _text(info.get("name")) == self.group:
+                lag = info.get("lag")
+                return None if lag is None else int(lag)
+        return None
+
+    def close(self) -> None:
+        self.redis.close()
+
+    # Internal helpers
+
+    def _read_own_pending(self, count: int) -> list[StreamedTree]:
+        """Entries this consumer name held when it last stopped: XREADGROUP from an id reads its own
+        pending list, after that id (a cursor, so long lists are walked in pages)."""
+        reply = self.redis.xreadgroup(self.group, self.consumer, {self.stream: self._own_cursor}, count=count)
+        entries = _entries_of(reply)
+        if entries:
+            self._own_cursor = _text(entries[-1][0])
+        if len(entries) < count:
+            self._has_read_own_pending = True
+        fresh = [(entry_id, fields) for entry_id, fields in entries if _text(entry_id) not in self._in_flight]
+        if fresh:
+            logger.info("re-reading %d entries %s held before a restart", len(fresh), self.consumer)
+        return self._decode(fresh, is_claimed=True)
+
+    def _autoclaim(self, count: int) -> list[StreamedTree]:
+        """Take over entries idle longer than claim_idle_ms (their consumer is presumed dead)."""
+        reply = self.redis.xautoclaim(
+            self.stream,
+            self.group,
+            self.consumer,
+            self.claim_idle_ms,
+            start_id=self._claim_cursor,
+            count=count,
+        )
+        self._claim_cursor = _text(reply[0])
+        claimed = reply[1]
+        # Redis 7 also lists (and drops from the pending list) entries deleted while pending.
+        if len(reply) > 2 and reply[2]:
+            logger.warning(
+                "%d pending entries were deleted from %s before training", len(reply[2]), self.stream
+            )
+        # Our own in-flight entries can look idle during a long training step: never hand them out twice.
+        claimed = [
+            (entry_id, fields) for entry_id, fields in claimed if _text(entry_id) not in self._in_flight
+        ]
+        if claimed:
+            logger.info("claimed %d idle entries of %s for %s", len(claimed), self.group, self.consumer)
+        return self._decode(claimed, is_claimed=True)
+
+    def _read_new(self, count: int, block_ms: int | None) -> list[StreamedTree]:
+        reply = self.redis.xreadgroup(
+            self.group, self.consumer, {self.stream: ">"}, count=count, block=block_ms or None
+        )
+        return self._decode(_entries_of(reply), is_claimed=False)
+
+    def _decode(self, entries: list[tuple[Any, Any]], *, is_claimed: bool) -> list[StreamedTree]:
+        trees = []
+        for raw_id, fields in entries:
+            entry_id = _text(raw_id)
+            if not fields:  # deleted (or trimmed) while pending: nothing left to train on
+                logger.warning("acking entry %s, deleted from %s while pending", entry_id, self.stream)
+                self.redis.xack(self.stream, self.group, entry_id)
+                continue
+            payload = fields.get(TREE_FIELD.encode())
+            try:
+                if payload is None:
+                    raise ValueError(f"entry has no {TREE_FIELD!r} field")
+                tree = Tree.model_validate_json(payload)
+            except (ValueError, ValidationError) as error:
+                self._quarantine(entry_id, fields, error)
+                continue
+            self._in_flight.add(entry_id)
+            trees.append(StreamedTree(entry_id, tree, is_claimed))
+        return trees
+
+    def _quarantine(self, entry_id: str, fields: Any, error: Exception) -> None:
+        """Record a corrupt entry on the failures stream and ack it, in one transaction."""
+        self.num_corrupt += 1
+        raw = {_text(key): _text(value)[:_MAX_RAW_CHARS] for key, value in (fields or {}).items()}
+        record = {
+            "reason": "corrupt_tree_entry",
+            "stream": self.stream,
+            "entry_id": entry_id,
+            "group": self.group,
+            "consumer": self.consumer,
+            "error": f"{type(error).__name__}: {str(error)[:500]}",
+            "fields": raw,
+            "time": time.time(),
+        }
+        logger.error("corrupt entry %s on %s moved to %s: %s", entry_id, self.stream, self.failures, error)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xadd(self.failures, {FAILURE_FIELD: json.dumps(record)})
+        pipe.xack(self.stream, self.group, entry_id)
+        pipe.execute()
+
+
+def _entries_of(reply: Any) -> list[tuple[Any, Any]]:
+    """The (id, fields) list of a one-stream XREADGROUP reply."""
+    if not reply:
+        return []
+    return [entry for _, entries in reply for entry in entries]
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
