@@ -1,0 +1,458 @@
+"""SGLang backend: the `Engine` protocol as an async HTTP client of SGLang's native API.
+
+Talks to one or more `python -m sglang.launch_server --skip-tokenizer-init` workers (or an sglang-router):
+`POST /generate` in batch form with token ids, `POST /update_weights_from_disk` on every worker (the router
+has no weight API), `GET /health`. Wire facts: shared/SGLANG.md §1-§5.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+
+from treepo.service.engine.protocol import (
+    EngineError,
+    EngineRequestError,
+    EngineUnavailable,
+    GenerateOutput,
+    GenerateRequest,
+)
+
+logger = logging.getLogger(__name__)
+
+Routing = Literal["prefix", "round_robin"]
+_KNOWN_CACHED_LIMIT = 65_536  # sequences remembered per worker as "in its radix cache" (a hint only)
+
+
+class WeightUpdateError(EngineError):
+    """At least one worker refused or failed the weight update (its message says why)."""
+
+    reason = "weight_update"
+
+
+@dataclass(slots=True)
+class _Piece:
+    """What one /generate item returned."""
+
+    output_ids: list[int]
+    logprobs: list[float]
+    finish: Literal["stop", "length", "abort"]
+    cached_tokens: int
+    prompt_tokens: int
+    weight_version: int | None
+
+
+@dataclass(slots=True)
+class _Pending:
+    """One request across abort resubmissions: tokens received so far are kept and resent as input."""
+
+    request: GenerateRequest
+    max_new_tokens: int
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    cached_tokens: int = 0
+    prefill_tokens: int = 0
+    versions: list[int] = field(default_factory=list)
+    finish: Literal["stop", "length"] | None = None
+    num_aborts: int = 0
+
+    def next_input(self) -> tuple[list[int], int]:
+        return self.request.input_ids + self.output_ids, self.max_new_tokens - len(self.output_ids)
+
+    def absorb(self, piece: _Piece) -> None:
+        self.output_ids += piece.output_ids
+        self.logprobs += piece.logprobs
+        self.cached_tokens += piece.cached_tokens
+        self.prefill_tokens += max(piece.prompt_tokens - piece.cached_tokens, 0)
+        if piece.weight_version is not None:
+            self.versions.append(piece.weight_version)
+        if piece.finish != "abort":
+            self.finish = piece.finish
+        elif len(self.output_ids) >= self.max_new_tokens:
+            self.finish = "length"  # aborted exactly at the budget: nothing left to resume
+        else:
+            self.num_aborts += 1
+
+
+class SGLangEngine:
+    """Implements the `Engine` protocol over SGLang workers.
+
+    Args:
+        base_urls: worker (or sglang-router) base URLs, e.g. "http://127.0.0.1:30000".
+        eos_token_ids: the model's EOS ids; None reads them from `model_path`'s generation_config.json.
+        model_path: a local copy of the served model (only its config files are read).
+        max_context: the served context length; None reads max_position_embeddings from `model_path`.
+        timeout_s: per HTTP call (a /generate call lasts as long as its longest segment).
+        api_key / admin_api_key: SGLang's --api-key / --admin-api-key (Bearer tokens).
+        prefill_first: send each prefix that several requests of a call share once, with
+            max_new_tokens=0, before the fan-out: SGLang inserts KV into its radix tree only when a
+            request finishes, so copies sent in the same instant would all prefill it.
+        routing: "prefix" keeps requests whose first `affinity_tokens` tokens agree on one worker (a tree
+            stays on the worker that holds its KV); "round_robin" spreads requests evenly.
+        pause_for_update: pause generation (abort in-flight requests, resubmitted here) around a weight
+            update instead of letting SGLang wait for them to drain.
+    """
+
+    def __init__(
+        self,
+        base_urls: str | Sequence[str],
+        *,
+        eos_token_ids: Sequence[int] | None = None,
+        model_path: str | Path | None = None,
+        max_context: int | None = None,
+        timeout_s: float = 600.0,
+        api_key: str | None = None,
+        admin_api_key: str | None = None,
+        prefill_first: bool = True,
+        routing: Routing = "prefix",
+        affinity_tokens: int = 256,
+        max_abort_retries: int = 3,
+        pause_for_update: bool = False,
+        use_health_generate: bool = False,
+    ) -> None:
+        self.base_urls = _check_urls(base_urls)
+        if eos_token_ids is None or max_context is None:
+            config_eos, config_context = _read_model_limits(model_path)
+            eos_token_ids = config_eos if eos_token_ids is None else eos_token_ids
+            max_context = config_context if max_context is None else max_context
+        if not eos_token_ids or min(eos_token_ids) < 0:
+            raise ValueError(f"eos_token_ids must be non-negative token ids (got {eos_token_ids!r})")
+        if max_context < 2:
+            raise ValueError(f"max_context must be >= 2 tokens (got {max_context})")
+        if timeout_s <= 0 or max_abort_retries < 0 or affinity_tokens < 1:
+            raise ValueError(
+                f"need timeout_s > 0, max_abort_retries >= 0, affinity_tokens >= 1 "
+                f"(got {timeout_s=}, {max_abort_retries=}, {affinity_tokens=})"
+            )
+        if routing not in ("prefix", "round_robin"):
+            raise ValueError(f"Unknown routing {routing!r}; expected one of prefix, round_robin")
+        self._eos = tuple(int(t) for t in eos_token_ids)
+        self._max_context = int(max_context)
+        self._version = 0
+        self.prefill_first = prefill_first
+        self.routing: Routing = routing
+        self.affinity_tokens = affinity_tokens
+        self.max_abort_retries = max_abort_retries
+        self.pause_for_update = pause_for_update
+        self._health_path = "/health_generate" if use_health_generate else "/health"
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        admin = admin_api_key or api_key
+        self._admin_headers = {"Authorization": f"Bearer {admin}"} if admin else {}
+        self._timeout = httpx.Timeout(timeout_s, connect=min(10.0, timeout_s))
+        self._client: httpx.AsyncClient | None = None
+        self._next_worker = 0
+        self._known_cached: list[OrderedDict[int, None]] = [OrderedDict() for _ in self.base_urls]
+        self.num_warmup_requests = 0  # prefill-only requests sent (for tests and benchmarks)
+
+    # Public API
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self._eos
+
+    @property
+    def policy_version(self) -> int:
+        return self._version
+
+    @property
+    def max_context(self) -> int:
+        return self._max_context
+
+    async def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateOutput]:
+        """One batch: each worker gets one /generate call with its share of the requests."""
+        for request in requests:
+            self._check_fits(request)
+        by_worker: dict[int, list[int]] = {}
+        for index, request in enumerate(requests):
+            by_worker.setdefault(self._route(request), []).append(index)
+        parts = await asyncio.gather(
+            *(self._generate_on(worker, [requests[i] for i in idx]) for worker, idx in by_worker.items())
+        )
+        outputs: list[GenerateOutput | None] = [None] * len(requests)
+        for idx, part in zip(by_worker.values(), parts, strict=True):
+            for index, output in zip(idx, part, strict=True):
+                outputs[index] = output
+        return [output for output in outputs if output is not None]
+
+    async def update_weights(self, path: str, version: int) -> None:
+        """Load `path` (a model directory every worker can read) on every worker; flushes their caches."""
+        results = await asyncio.gather(
+            *(self._update_worker(worker, str(path), version) for worker in range(len(self.base_urls))),
+            return_exceptions=True,
+        )
+        for known in self._known_cached:
+            known.clear()
+        failures = [f"{url}: {r}" for url, r in zip(self.base_urls, results, strict=True) if r is not None]
+        if failures:
+            raise WeightUpdateError(
+                f"weight update to version {version} failed on {len(failures)} of {len(self.base_urls)} "
+                f"SGLang workers: " + "; ".join(failures)
+            )
+        self._version = version
+        logger.info("SGLang workers now serve %s as policy version %d", path, version)
+
+    async def health(self) -> bool:
+        """True when every worker answers its health route with 200."""
+        checks = await asyncio.gather(
+            *(self._request("GET", w, self._health_path) for w in range(len(self.base_urls))),
+            return_exceptions=True,
+        )
+        return all(isinstance(r, httpx.Response) and r.status_code == 200 for r in checks)
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def __aenter__(self) -> SGLangEngine:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # Internal helpers
+
+    def _check_fits(self, request: GenerateRequest) -> None:
+        if len(request.input_ids) >= self._max_context:
+            raise EngineRequestError(
+                f"input of {len(request.input_ids)} tokens leaves no room in the {self._max_context}-token "
+                "context; shorten the prompt or lower max_depth/segment_tokens"
+            )
+
+    def _route(self, request: GenerateRequest) -> int:
+        if len(self.base_urls) == 1:
+            return 0
+        if self.routing == "round_robin":
+            self._next_worker = (self._next_worker + 1) % len(self.base_urls)
+            return self._next_worker
+        return hash(tuple(request.input_ids[: self.affinity_tokens])) % len(self.base_urls)
+
+    async def _generate_on(self, worker: int, requests: list[GenerateRequest]) -> list[GenerateOutput]:
+        warmups = await self._prefill_shared(worker, requests) if self.prefill_first else {}
+        budget = [min(r.max_new_tokens, self._max_context - len(r.input_ids)) for r in requests]
+        pending = [_Pending(r, n) for r, n in zip(requests, budget, strict=True)]
+        for _ in range(self.max_abort_retries + 1):
+            todo = [p for p in pending if p.finish is None]
+            if not todo:
+                break
+            if any(p.num_aborts for p in todo):
+                logger.warning("resubmitting %d aborted SGLang requests with their tokens so far", len(todo))
+            items = await self._post_generate(worker, [_item(p) for p in todo])
+            for entry, item in zip(todo, items, strict=True):
+                entry.absorb(_parse_item(item))
+        if any(p.finish is None for p in pending):
+            raise EngineError(
+                f"SGLang worker {self.base_urls[worker]} aborted a request "
+                f"{self.max_abort_retries + 1} times in a row; raise max_abort_retries or see the worker log"
+            )
+        return [self._finish(worker, p, warmups.pop(tuple(p.request.input_ids), None)) for p in pending]
+
+    async def _prefill_shared(self, worker: int, requests: list[GenerateRequest]) -> dict[tuple, _Piece]:
+        """Warm each input that several requests share and the worker is not known to hold yet."""
+        counts: dict[tuple[int, ...], int] = {}
+        for request in requests:
+            key = tuple(request.input_ids)
+            counts[key] = counts.get(key, 0) + 1
+        known = self._known_cached[worker]
+        shared = [key for key, n in counts.items() if n > 1 and hash(key) not in known]
+        if not shared:
+            return {}
+        self.num_warmup_requests += len(shared)
+        items = await self._post_generate(worker, [_warmup_item(list(key), self._eos) for key in shared])
+        return {key: _parse_item(item) for key, item in zip(shared, items, strict=True)}
+
+    def _finish(self, worker: int, pending: _Pending, warmup: _Piece | None) -> GenerateOutput:
+        extra: dict[str, Any] = {"worker": self.base_urls[worker]}
+        prefill, cached = pending.prefill_tokens, pending.cached_tokens
+        if warmup is not None:  # the shared prefill is paid once: booked on the first copy
+            prefill += warmup.prompt_tokens - warmup.cached_tokens
+            cached += warmup.cached_tokens
+            extra["warmup_prefill_tokens"] = warmup.prompt_tokens - warmup.cached_tokens
+        if pending.num_aborts:
+            extra["num_aborts"] = pending.num_aborts
+        self._remember(worker, pending.request.input_ids + pending.output_ids)
+        assert pending.finish is not None, f"{pending=}"
+        return GenerateOutput(
+            output_ids=pending.output_ids,
+            logprobs=pending.logprobs,
+            finish_reason=pending.finish,
+            cached_tokens=cached,
+            prefill_tokens=prefill,
+            policy_version=min(pending.versions, default=self._version),  # oldest weights that took part
+            extra=extra,
+        )
+
+    def _remember(self, worker: int, sequence: list[int]) -> None:
+        known = self._known_cached[worker]
+        known[hash(tuple(sequence))] = None
+        known.move_to_end(hash(tuple(sequence)))
+        while len(known) > _KNOWN_CACHED_LIMIT:
+            known.popitem(last=False)
+
+    async def _post_generate(self, worker: int, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        body = {
+            "input_ids": [item["input_ids"] for item in items],
+            "sampling_params": [item["sampling_params"] for item in items],
+            "return_logprob": True,
+            "logprob_start_len": -1,  # output logprobs only: >= 0 would cap the prefix-cache match (§4)
+            "stream": False,
+        }
+        response = await self._request("POST", worker, "/generate", body)
+        _raise_for_status(response, self.base_urls[worker])
+        payload = response.json()
+        if isinstance(payload, dict):
+            payload = [payload]
+        if not isinstance(payload, list) or len(payload) != len(items):
+            raise EngineError(
+                f"SGLang worker {self.base_urls[worker]} answered {len(items)} items with {payload!r:.200}"
+            )
+        return payload
+
+    async def _update_worker(self, worker: int, path: str, version: int) -> None:
+        if self.pause_for_update:
+            _raise_for_status(await self._admin_post(worker, "/pause_generation", {"mode": "abort"}), "")
+        try:
+            body = {"model_path": path, "weight_version": str(version), "flush_cache": True}
+            response = await self._admin_post(worker, "/update_weights_from_disk", body)
+        finally:
+            if self.pause_for_update:
+                await self._admin_post(worker, "/continue_generation", {})
+        if response.status_code not in (200, 400):
+            _raise_for_status(response, self.base_urls[worker])
+        answer = _json_or_text(response)
+        if not (isinstance(answer, dict) and answer.get("success")):
+            message = answer.get("message", answer) if isinstance(answer, dict) else answer
+            raise WeightUpdateError(f"HTTP {response.status_code}: {message}")
+
+    async def _admin_post(self, worker: int, path: str, body: dict[str, Any]) -> httpx.Response:
+        return await self._request("POST", worker, path, body, headers=self._admin_headers)
+
+    async def _request(
+        self, method: str, worker: int, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> httpx.Response:
+        """One HTTP call; transport failures become `EngineUnavailable`."""
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self._timeout)
+        url = self.base_urls[worker] + path
+        try:
+            return await self._client.request(method, url, json=body, headers=headers or self._headers)
+        except httpx.TransportError as exc:
+            raise EngineUnavailable(f"SGLang worker {url} unreachable: {type(exc).__name__}: {exc}") from exc
+
+
+def _item(pending: _Pending) -> dict[str, Any]:
+    input_ids, max_new_tokens = pending.next_input()
+    request = pending.request
+    params: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "top_k": request.top_k,
+        "stop_token_ids": list(request.stop_token_ids),
+    }
+    if request.seed is not None:
+        params["sampling_seed"] = request.seed  # honoured with --enable-deterministic-inference (§1.2)
+    return {"input_ids": input_ids, "sampling_params": params}
+
+
+def _warmup_item(input_ids: list[int], eos: tuple[int, ...]) -> dict[str, Any]:
+    return {"input_ids": input_ids, "sampling_params": {"max_new_tokens": 0, "stop_token_ids": list(eos)}}
+
+
+def _parse_item(item: dict[str, Any]) -> _Piece:
+    """One response object (§1.3): output_ids (or logprob token ids, or old `token_ids`), meta_info."""
+    meta = item.get("meta_info") or {}
+    token_logprobs = meta.get("output_token_logprobs") or []
+    output_ids = item.get("output_ids")
+    if output_ids is None:
+        output_ids = [entry[1] for entry in token_logprobs] if token_logprobs else item.get("token_ids", [])
+    logprobs = [float(entry[0]) for entry in token_logprobs]
+    if len(logprobs) != len(output_ids):
+        raise EngineError(
+            f"SGLang returned {len(output_ids)} output ids but {len(logprobs)} logprobs; the worker must be "
+            "asked with return_logprob (is it an SGLang version that drops them?)"
+        )
+    reason = meta.get("finish_reason") or {}
+    kind = reason.get("type") if isinstance(reason, dict) else reason
+    if kind == "abort" and 400 <= int(reason.get("status_code") or 0) < 500:
+        raise EngineRequestError(f"SGLang rejected the request: {reason.get('message', reason)}")
+    if kind not in ("stop", "length", "abort"):
+        raise EngineError(f"SGLang finish_reason {reason!r} is none of stop, length, abort")
+    version = str(meta.get("weight_version", ""))
+    return _Piece(
+        output_ids=[int(t) for t in output_ids],
+        logprobs=logprobs,
+        finish=kind,
+        cached_tokens=int(meta.get("cached_tokens") or 0),
+        prompt_tokens=int(meta.get("prompt_tokens") or 0),
+        weight_version=int(version) if version.isdigit() else None,
+    )
+
+
+def _raise_for_status(response: httpx.Response, url: str) -> None:
+    """400 -> EngineRequestError; 429/502/503/504 -> EngineUnavailable; other non-2xx -> EngineError."""
+    if response.is_success:
+        return
+    answer = _json_or_text(response)
+    message = answer
+    if isinstance(answer, dict):
+        error = answer.get("error", answer)
+        message = error.get("message", error) if isinstance(error, dict) else error
+    text = f"SGLang worker {url or response.request.url} answered HTTP {response.status_code}: {message}"
+    if response.status_code == 400:
+        raise EngineRequestError(text)
+    if response.status_code in (429, 502, 503, 504):
+        raise EngineUnavailable(text)
+    if response.status_code in (401, 403):
+        raise EngineError(text + " (check api_key / admin_api_key)")
+    raise EngineError(text)
+
+
+def _json_or_text(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return response.text
+
+
+def _check_urls(base_urls: str | Sequence[str]) -> list[str]:
+    urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
+    if not urls:
+        raise ValueError("SGLangEngine needs at least one base URL, e.g. http://127.0.0.1:30000")
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"SGLang base URL {url!r} must start with http:// or https://")
+    return [url.rstrip("/") for url in urls]
+
+
+def _read_model_limits(model_path: str | Path | None) -> tuple[tuple[int, ...], int]:
+    """(EOS ids, context length) from a local model directory's generation_config.json / config.json."""
+    if model_path is None:
+        raise ValueError(
+            "give eos_token_ids and max_context, or model_path (a local copy of the served model)"
+        )
+    root = Path(model_path)
+    config = _read_json(root / "config.json")
+    generation = (
+        _read_json(root / "generation_config.json") if (root / "generation_config.json").exists() else {}
+    )
+    text_config = config.get("text_config") or {}
+    eos = generation.get("eos_token_id", config.get("eos_token_id", text_config.get("eos_token_id")))
+    context = config.get("max_position_embeddings", text_config.get("max_position_embeddings"))
+    if eos is None or context is None:
+        raise ValueError(f"{root} names no eos_token_id or max_position_embeddings; pass them explicitly")
+    return (tuple(eos) if isinstance(eos, list) else (int(eos),)), int(context)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ValueError(f"{path} not found: model_path must be a local Hugging Face model directory")
+    return json.loads(path.read_text())

@@ -1,0 +1,310 @@
+"""SGLangEngine against a stand-in SGLang server under real uvicorn (no mocks of HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+from pathlib import Path
+
+import pytest
+from sglang_standin import ModelTokens, StandinState, script_tokens, serve
+
+from treepo.service.engine.protocol import (
+    Engine,
+    EngineError,
+    EngineRequestError,
+    EngineUnavailable,
+    GenerateRequest,
+)
+from treepo.service.engine.sglang import SGLangEngine, WeightUpdateError, _parse_item
+
+VOCAB = 40
+
+
+def counting(input_ids: list[int], rng: random.Random) -> list[int]:
+    """Next token = last token + 1 (skipping EOS 0): a resumed request continues the same sequence."""
+    start = input_ids[-1]
+    return [(start + k - 1) % (VOCAB - 1) + 1 for k in range(1, 200)]
+
+
+def scripted_state(**kwargs) -> StandinState:
+    return StandinState(tokens=script_tokens(counting), eos_token_ids=(0,), context_len=256, **kwargs)
+
+
+def port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def engine_for(urls, **kwargs) -> SGLangEngine:
+    kwargs.setdefault("eos_token_ids", (0,))
+    kwargs.setdefault("max_context", 256)
+    return SGLangEngine(urls, timeout_s=30, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory) -> tuple[Path, Path]:
+    """Two random-initialised tiny Qwen2 checkpoints (policy v0 and v1), EOS 0, context 256."""
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    dirs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        config = Qwen2Config(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, eos_token_id=0,
+        )  # fmt: skip
+        model = Qwen2ForCausalLM(config)
+        model.generation_config = GenerationConfig(eos_token_id=[0], bos_token_id=1)
+        path = tmp_path_factory.mktemp(f"tiny-v{seed}")
+        model.save_pretrained(path)
+        dirs.append(path)
+    return dirs[0], dirs[1]
+
+
+def test_reads_eos_and_context_from_model_dir(model_dirs) -> None:
+    engine = SGLangEngine("http://127.0.0.1:1/", model_path=model_dirs[0])
+    assert engine.eos_token_ids == (0,)
+    assert engine.max_context == 256
+    assert engine.base_urls == ["http://127.0.0.1:1"]
+    assert isinstance(engine, Engine)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"base_urls": []}, "at least one base URL"),
+        ({"base_urls": "127.0.0.1:30000"}, "must start with http"),
+        ({"base_urls": "http://x", "routing": "random"}, "Unknown routing 'random'"),
+        ({"base_urls": "http://x", "eos_token_ids": ()}, "eos_token_ids"),
+        ({"base_urls": "http://x", "eos_token_ids": None, "max_context": None}, "model_path"),
+    ],
+)
+def test_bad_configuration_is_a_clear_error(kwargs, message) -> None:
+    kwargs = {"eos_token_ids": (0,), "max_context": 64} | kwargs
+    with pytest.raises(ValueError, match=message):
+        SGLangEngine(**kwargs)
+
+
+async def test_batch_form_logprobs_stop_ids_and_seed() -> None:
+    state = scripted_state(weight_version="3")
+    with serve(state, port()) as url:
+        async with engine_for(url) as engine:
+            outputs = await engine.generate(
+                [
+                    GenerateRequest([5], max_new_tokens=4, seed=7, temperature=0.7, top_p=0.9, top_k=5),
+                    GenerateRequest([10, 11], max_new_tokens=8, stop_token_ids=(14,)),
+                    GenerateRequest([38], max_new_tokens=8),  # 39 -> EOS 0 is skipped by the script
+                ]
+            )
+    body = state.generate_bodies[0]
+    assert body["input_ids"] == [[5], [10, 11], [38]]
+    assert body["return_logprob"] is True and body["logprob_start_len"] == -1 and body["stream"] is False
+    first, second = body["sampling_params"][:2]
+    assert first == {"max_new_tokens": 4, "temperature": 0.7, "top_p": 0.9, "top_k": 5, "stop_token_ids": [],
+                     "sampling_seed": 7}  # fmt: skip
+    assert "sampling_seed" not in second and second["stop_token_ids"] == [14]
+    assert [o.output_ids for o in outputs] == [[6, 7, 8, 9], [12, 13, 14], [39, 1, 2, 3, 4, 5, 6, 7]]
+    assert [o.finish_reason for o in outputs] == ["length", "stop", "length"]
+    assert outputs[1].logprobs == [-1.0 - (t % 7) / 7 for t in (12, 13, 14)]
+    assert all(o.policy_version == 3 for o in outputs)  # numeric weight_version is the policy version
+
+
+async def test_eos_stops_and_is_kept() -> None:
+    def eos_after_two(input_ids, rng):
+        return [3, 4, 0, 5]
+
+    state = StandinState(tokens=script_tokens(eos_after_two), eos_token_ids=(0,))
+    with serve(state, port()) as url:
+        async with engine_for(url) as engine:
+            (output,) = await engine.generate([GenerateRequest([1, 2], max_new_tokens=10)])
+    assert output.output_ids == [3, 4, 0] and output.finish_reason == "stop"
+
+
+async def test_model_seeds_are_reproducible(model_dirs) -> None:
+    state = StandinState(tokens=ModelTokens(str(model_dirs[0])), vocab_size=VOCAB, context_len=256)
+    with serve(state, port()) as url:
+        async with engine_for(url, prefill_first=False) as engine:
+            prompt = [1, 2, 3, 4]
+            runs = await engine.generate([GenerateRequest(prompt, 12, seed=s) for s in (1, 1, 2, 3, 4)])
+            greedy = await engine.generate([GenerateRequest(prompt, 12, temperature=0.0)] * 2)
+    assert runs[0].output_ids == runs[1].output_ids
+    assert len({tuple(r.output_ids) for r in runs}) > 1  # other seeds give other samples
+    assert greedy[0].output_ids == greedy[1].output_ids
+    assert all(lp <= 0 for r in runs for lp in r.logprobs)
+
+
+@pytest.mark.parametrize("prefill_first", [False, True])
+async def test_prefill_first_shares_the_prompt_prefill(prefill_first: bool) -> None:
+    state = scripted_state()
+    prompt = list(range(1, 41))
+    with serve(state, port()) as url:
+        async with engine_for(url, prefill_first=prefill_first) as engine:
+            copies = await engine.generate([GenerateRequest(prompt, 5, seed=s) for s in range(4)])
+            warmups = engine.num_warmup_requests
+            children = await engine.generate([GenerateRequest(prompt + copies[0].output_ids, 5)] * 2)
+    prefill = sum(o.prefill_tokens for o in copies)
+    cached = sum(o.cached_tokens for o in copies)
+    if prefill_first:  # the prompt once, then one recomputed token per copy (SGLang caps at len - 1)
+        assert (warmups, prefill, cached) == (1, 40 + 4, 4 * 39)
+        assert copies[0].extra["warmup_prefill_tokens"] == 40
+    else:  # sent in the same instant, no copy sees another's KV
+        assert (warmups, prefill, cached) == (0, 4 * 40, 0)
+    assert engine.num_warmup_requests == warmups  # children of a finished path: already cached, no warm-up
+    assert [o.cached_tokens for o in children] == [44, 44]
+    assert prefill + cached == 4 * 40 + (40 if prefill_first else 0)
+
+
+async def test_abort_is_resubmitted_with_the_tokens_so_far() -> None:
+    state = scripted_state(abort_plan=[3])
+    with serve(state, port()) as url:
+        async with engine_for(url) as engine:
+            (output,) = await engine.generate([GenerateRequest([20], max_new_tokens=6, seed=1)])
+    resumed = state.generate_bodies[1]
+    assert resumed["input_ids"] == [[20, 21, 22, 23]]
+    assert resumed["sampling_params"][0]["max_new_tokens"] == 3
+    assert output.output_ids == [21, 22, 23, 24, 25, 26] and output.finish_reason == "length"
+    assert len(output.logprobs) == 6 and output.extra["num_aborts"] == 1
+
+
+async def test_abort_retries_are_bounded() -> None:
+    state = scripted_state(abort_plan=[1, 1, 1])
+    with serve(state, port()) as url:
+        async with engine_for(url, max_abort_retries=2) as engine:
+            with pytest.raises(EngineError, match="aborted a request 3 times"):
+                await engine.generate([GenerateRequest([20], max_new_tokens=6)])
+
+
+async def test_weight_update_with_pause_resumes_running_requests(model_dirs) -> None:
+    state = StandinState(tokens=ModelTokens(str(model_dirs[0])), weight_version="0", token_delay_s=0.01)
+    with serve(state, port()) as url:
+        async with engine_for(url, pause_for_update=True) as engine:
+            running = asyncio.create_task(engine.generate([GenerateRequest([1, 2], 60, temperature=0.0)]))
+            while not state.inflight:  # the update must catch the request running
+                await asyncio.sleep(0.005)
+            await engine.update_weights(str(model_dirs[1]), 1)
+            (output,) = await running
+            (after,) = await engine.generate([GenerateRequest([1, 2], 4)])
+    assert state.tokens.model_path == str(model_dirs[1]) and not state.paused
+    assert len(output.output_ids) == 60 or output.finish_reason == "stop"
+    assert output.extra["num_aborts"] == 1
+    assert output.policy_version == 0  # a segment that spans an update reports its oldest weights
+    assert after.policy_version == 1 == engine.policy_version
+
+
+async def test_weight_update_reaches_every_worker() -> None:
+    states = [scripted_state(weight_version="0"), scripted_state(weight_version="0")]
+    with serve(states[0], port()) as url_a, serve(states[1], port()) as url_b:
+        async with engine_for([url_a, url_b], admin_api_key="adm") as engine:
+            await engine.generate([GenerateRequest([1, 2, 3], 4)])
+            await engine.update_weights("/ckpt/step-5", 5)
+            states[1].fail_weight_update = "shape mismatch in lm_head.weight"
+            with pytest.raises(WeightUpdateError, match=f"1 of 2 SGLang workers: {url_b}.*shape mismatch"):
+                await engine.update_weights("/ckpt/step-6", 6)
+    for state in states:
+        assert state.weight_updates[0] == {
+            "model_path": "/ckpt/step-5",
+            "weight_version": "5",
+            "flush_cache": True,
+        }
+        assert state.prefix.match([1, 2, 3, 4]) == 0  # flushed
+    assert engine.policy_version == 5
+
+
+async def test_admin_key_guards_weight_updates() -> None:
+    state = scripted_state(api_key="user", admin_api_key="adm")
+    with serve(state, port()) as url:
+        async with engine_for(url, api_key="user") as engine:
+            assert len(await engine.generate([GenerateRequest([1], 2)])) == 1
+            with pytest.raises(WeightUpdateError, match="HTTP 401"):
+                await engine.update_weights("/ckpt", 1)
+        async with engine_for(url, api_key="user", admin_api_key="adm") as engine:
+            await engine.update_weights("/ckpt", 1)
+
+
+async def test_prefix_routing_keeps_a_tree_on_one_worker() -> None:
+    states = [scripted_state(), scripted_state()]
+    with serve(states[0], port()) as url_a, serve(states[1], port()) as url_b:
+        async with engine_for([url_a, url_b], affinity_tokens=4) as engine:
+            prompts = [[p, p + 1, p + 2, p + 3] for p in range(1, 21)]
+            await engine.generate([GenerateRequest(p + [9] * k, 2) for p in prompts for k in range(3)])
+        per_worker = [
+            {tuple(ids[:4]) for body in s.generate_bodies for ids in body["input_ids"]} for s in states
+        ]
+        async with engine_for([url_a, url_b], routing="round_robin") as engine:
+            outputs = await engine.generate([GenerateRequest([7], 2)] * 4)
+    assert per_worker[0].isdisjoint(per_worker[1])  # every prompt prefix on exactly one worker
+    assert len(per_worker[0] | per_worker[1]) == 20 and per_worker[0] and per_worker[1]
+    assert sorted(o.extra["worker"] for o in outputs) == sorted([url_a, url_b] * 2)
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (GenerateRequest([1, 2], 4, top_p=0.0), "top_p must be in"),
+        (GenerateRequest([1, VOCAB + 5], 4), "exceeds the vocabulary size"),
+        (GenerateRequest(list(range(1, 40)) * 7, 4), "leaves no room in the 256-token context"),
+    ],
+)
+async def test_bad_requests_raise_engine_request_error(request_, message) -> None:
+    state = scripted_state(vocab_size=VOCAB)
+    with serve(state, port()) as url:
+        async with engine_for(url) as engine:
+            with pytest.raises(EngineRequestError, match=message):
+                await engine.generate([request_])
+
+
+async def test_context_limit_ends_by_length() -> None:
+    state = scripted_state()
+    with serve(state, port()) as url:
+        async with engine_for(url) as engine:
+            (output,) = await engine.generate([GenerateRequest([1] * 250, max_new_tokens=50)])
+    assert len(output.output_ids) == 6 and output.finish_reason == "length"
+
+
+async def test_unreachable_and_unhealthy_workers() -> None:
+    dead = f"http://127.0.0.1:{port()}"
+    async with engine_for(dead) as engine:
+        assert await engine.health() is False
+        with pytest.raises(EngineUnavailable, match="unreachable"):
+            await engine.generate([GenerateRequest([1], 2)])
+    state = scripted_state()
+    with serve(state, port()) as url:
+        async with engine_for(url) as engine:
+            assert await engine.health() is True
+            state.healthy = False
+            assert await engine.health() is False
+
+
+@pytest.mark.parametrize(
+    ("item", "ids", "logprobs", "finish"),
+    [
+        ({"output_ids": [4], "meta_info": {"finish_reason": {"type": "stop", "matched": 4},
+          "output_token_logprobs": [[-0.5, 4, None]]}}, [4], [-0.5], "stop"),
+        ({"meta_info": {"finish_reason": {"type": "length", "length": 2},
+          "output_token_logprobs": [[-0.1, 7, None], [-0.2, 8, None]]}}, [7, 8], [-0.1, -0.2], "length"),
+        ({"token_ids": [], "meta_info": {"finish_reason": {"type": "abort", "message": "paused"}}},
+         [], [], "abort"),
+    ],
+)  # fmt: skip
+def test_parse_item_versions(item, ids, logprobs, finish) -> None:
+    piece = _parse_item(item)
+    assert (piece.output_ids, piece.logprobs, piece.finish) == (ids, logprobs, finish)
+
+
+@pytest.mark.parametrize(
+    ("item", "error", "message"),
+    [
+        ({"output_ids": [1], "meta_info": {"finish_reason": {"type": "stop"}}},
+         EngineError, "1 output ids but 0"),
+        ({"output_ids": [], "meta_info": {"finish_reason": None}}, EngineError, "none of stop, length"),
+        ({"output_ids": [], "meta_info": {"finish_reason": {"type": "abort", "status_code": 400,
+          "message": "too long"}}}, EngineRequestError, "too long"),
+    ],
+)  # fmt: skip
+def test_parse_item_rejects_malformed(item, error, message) -> None:
+    with pytest.raises(error, match=message):
+        _parse_item(item)
