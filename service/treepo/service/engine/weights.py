@@ -37,7 +37,8 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None
     unknown = sorted(set(state) - set(expected))
     if unknown:
         raise ValueError(
-            f"weights have {len(unknown)} names the model lacks, e.g. {unknown[:3]}; same architecture?"
+            f"weights have {len(unknown)} unknown tensor names (not in the model), e.g. {unknown[:3]}; "
+            "is it a checkpoint of the same architecture?"
         )
     wrong = [
         f"{name}: {tuple(tensor.shape)} != {tuple(expected[name].shape)}"

@@ -1,0 +1,231 @@
+"""EmbeddedEngine against plain transformers on a tiny random Qwen2: outputs, cache reuse, eviction."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from treepo.service.engine.embedded import EmbeddedEngine
+from treepo.service.engine.protocol import Engine, EngineRequestError, GenerateRequest
+
+EOS = 1  # as saved by conftest.save_tiny_qwen2
+PROMPTS = [[3, 4, 5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17, 18], [19]]
+
+
+def greedy(input_ids: list[int], max_new_tokens: int = 12, **kwargs) -> GenerateRequest:
+    return GenerateRequest(input_ids=input_ids, max_new_tokens=max_new_tokens, temperature=0.0, **kwargs)
+
+
+def hf_greedy(model, input_ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' own greedy generate on one unpadded prompt."""
+    out = model.generate(
+        torch.tensor([input_ids]),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=EOS,
+        pad_token_id=0,
+    )
+    return out[0, len(input_ids) :].tolist()
+
+
+@pytest.fixture
+def engine(tiny_model_path) -> EmbeddedEngine:
+    return EmbeddedEngine(tiny_model_path, max_cache_tokens=4096, max_batch_size=8)
+
+
+def test_implements_the_engine_protocol(engine):
+    assert isinstance(engine, Engine)
+    assert engine.eos_token_ids == (EOS,)
+    assert engine.max_context == 512
+    assert engine.policy_version == 0
+
+
+async def test_greedy_matches_transformers_generate_cold_and_warm(engine, reference_model):
+    expected = [hf_greedy(reference_model, p, 12) for p in PROMPTS]
+    cold = await engine.generate([greedy(p) for p in PROMPTS])
+    assert [o.output_ids for o in cold] == expected
+    assert [o.cached_tokens for o in cold] == [0, 0, 0, 0]
+    warm = await engine.generate([greedy(p) for p in PROMPTS])
+    assert [o.output_ids for o in warm] == expected
+    assert [o.cached_tokens for o in warm] == [len(p) - 1 for p in PROMPTS]  # capped: one token computed
+    # the next segment of each path: the whole input is cached except its last (sampled) token
+    continued = [p + out for p, out in zip(PROMPTS, expected, strict=True)]
+    nxt = await engine.generate([greedy(p, 8) for p in continued])
+    assert [o.output_ids for o in nxt] == [hf_greedy(reference_model, p, 8) for p in continued]
+    assert [o.prefill_tokens for o in nxt] == [1, 1, 1, 1]
+
+
+async def test_mixed_cached_and_fresh_rows_in_one_batch(engine, reference_model):
+    await engine.generate([greedy(PROMPTS[0], 4)])
+    batch = [PROMPTS[0] + [20, 21, 22], [30, 31, 32, 33, 34, 35, 36], [*PROMPTS[0][:4], 40]]
+    outs = await engine.generate([greedy(p, 10) for p in batch])
+    assert [o.cached_tokens for o in outs] == [9, 0, 4]
+    assert [o.output_ids for o in outs] == [hf_greedy(reference_model, p, 10) for p in batch]
+
+
+async def test_siblings_of_a_cached_prefix_only_compute_their_suffix(engine):
+    prefix = list(range(3, 43))  # 40 tokens
+    await engine.generate([greedy(prefix, 1)])
+    before = engine.num_computed_tokens
+    embedded_tokens: list[int] = []
+    hook = engine.model.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: embedded_tokens.append(args[0].numel())
+    )
+    try:
+        outs = await engine.generate([greedy([*prefix, 50 + i], 5) for i in range(4)])
+    finally:
+        hook.remove()
+    assert [o.cached_tokens for o in outs] == [40] * 4
+    assert [o.prefill_tokens for o in outs] == [1] * 4
+    assert embedded_tokens[0] == 4  # the prefill forward saw one token per sibling, no padding
+    assert engine.num_computed_tokens - before == 4 + 4 * 4  # 4 suffix tokens + 4 decode steps of 4 rows
+
+
+async def test_eviction_under_a_tiny_budget_still_gives_correct_output(tiny_model_path, reference_model):
+    engine = EmbeddedEngine(tiny_model_path, max_cache_tokens=16, max_batch_size=4)
+    for _ in range(2):
+        outs = await engine.generate([greedy(p, 10) for p in PROMPTS])
+        assert [o.output_ids for o in outs] == [hf_greedy(reference_model, p, 10) for p in PROMPTS]
+        assert engine.radix.total_size <= 16
+        assert engine.radix.total_size + engine.pool.num_free == 16  # no slot leaked
+
+
+async def test_nodes_in_use_are_not_evicted_mid_batch(tiny_model_path, reference_model):
+    engine = EmbeddedEngine(tiny_model_path, max_cache_tokens=24, max_batch_size=8)
+    long_prompt = list(range(3, 23))  # 20 tokens
+    await engine.generate([greedy(long_prompt, 1)])
+    seen_protected = []
+    original = engine.radix.evict
+
+    def watching_evict(num_tokens: int) -> int:
+        seen_protected.append(engine.radix.protected_size)
+        freed = original(num_tokens)
+        assert engine.radix.match_prefix(long_prompt).length >= 19  # the locked prefix is still there
+        return freed
+
+    engine.radix.evict = watching_evict
+    batch = [[*long_prompt, 40], [*long_prompt, 41], [50, 51, 52, 53]]
+    outs = await engine.generate([greedy(p, 6) for p in batch])
+    assert seen_protected and max(seen_protected) >= 19
+    assert [o.cached_tokens for o in outs] == [20, 20, 0]
+    assert [o.output_ids for o in outs] == [hf_greedy(reference_model, p, 6) for p in batch]
+    assert engine.radix.protected_size == 0  # every lock released
+
+
+async def test_stop_ids_and_max_new_tokens(engine, reference_model):
+    free_run = hf_greedy(reference_model, PROMPTS[0], 12)
+    stop = free_run[3]
+    first_stop = free_run.index(stop)
+    outs = await engine.generate(
+        [greedy(PROMPTS[0], 12, stop_token_ids=(stop,)), greedy(PROMPTS[0], 2), greedy(PROMPTS[0], 1)]
+    )
+    assert outs[0].output_ids == free_run[: first_stop + 1] and outs[0].finish_reason == "stop"
+    assert outs[1].output_ids == free_run[:2] and outs[1].finish_reason == "length"
+    assert outs[2].output_ids == free_run[:1] and len(outs[2].logprobs) == 1
+
+
+async def test_eos_stops_a_request(engine):
+    # make EOS the most likely token by scaling its output row: greedy must stop on it at once
+    with torch.no_grad():
+        engine.model.lm_head.weight[EOS] *= 50
+    outs = await engine.generate([greedy(PROMPTS[1], 10)])
+    assert outs[0].output_ids[-1] == EOS and outs[0].finish_reason == "stop"
+    assert len(outs[0].output_ids) < 10
+
+
+async def test_logprobs_match_a_direct_forward_pass(engine, reference_model):
+    request = GenerateRequest(input_ids=PROMPTS[2], max_new_tokens=8, temperature=0.7, top_k=10, seed=3)
+    [out] = await engine.generate([request])
+    sequence = torch.tensor([PROMPTS[2] + out.output_ids])
+    with torch.no_grad():
+        logits = reference_model(sequence).logits[0, len(PROMPTS[2]) - 1 : -1]  # (T, V)
+    expected = (
+        torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(out.output_ids)[:, None]).squeeze(1)
+    )
+    torch.testing.assert_close(torch.tensor(out.logprobs), expected, atol=1e-4, rtol=1e-4)
+
+
+async def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_model_path):
+    def sampled(seed: int, prompt: list[int]) -> GenerateRequest:
+        return GenerateRequest(input_ids=prompt, max_new_tokens=10, temperature=1.0, top_p=0.9, seed=seed)
+
+    engine = EmbeddedEngine(tiny_model_path)
+    alone = await engine.generate([sampled(7, PROMPTS[0])])
+    again = EmbeddedEngine(tiny_model_path)
+    crowd = await again.generate([sampled(1, PROMPTS[1]), sampled(7, PROMPTS[0]), sampled(2, PROMPTS[3])])
+    assert crowd[1].output_ids == alone[0].output_ids
+    others = await engine.generate([sampled(s, PROMPTS[0]) for s in (8, 9, 10)])
+    assert len({tuple(o.output_ids) for o in others + alone}) > 1  # seeds matter
+
+
+async def test_update_weights_changes_outputs_and_flushes_the_cache(engine, other_model_path):
+    before = await engine.generate([greedy(p) for p in PROMPTS])
+    assert engine.radix.total_size > 0
+    await engine.update_weights(str(other_model_path / "model.safetensors"), version=3)
+    assert engine.policy_version == 3 and engine.radix.total_size == 0
+    after = await engine.generate([greedy(p) for p in PROMPTS])
+    assert [o.cached_tokens for o in after] == [0, 0, 0, 0]
+    assert [o.output_ids for o in after] != [o.output_ids for o in before]
+    assert all(o.policy_version == 3 for o in after)
+
+
+async def test_update_weights_from_a_checkpoint_directory(tiny_model_path, other_model_path, reference_model):
+    engine = EmbeddedEngine(other_model_path)
+    await engine.update_weights(str(tiny_model_path), version=1)
+    outs = await engine.generate([greedy(PROMPTS[0])])
+    assert outs[0].output_ids == hf_greedy(reference_model, PROMPTS[0], 12)
+
+
+async def test_bad_weights_raise_value_error(engine, tmp_path):
+    from safetensors.torch import save_file
+
+    state = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    wrong_shape = dict(state, **{"lm_head.weight": torch.zeros(3, 3)})
+    unknown = dict(state, **{"not.a.weight": torch.zeros(1)})
+    missing = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    for name, bad, message in [
+        ("shape", wrong_shape, "wrong shape"),
+        ("unknown", unknown, "unknown tensor names"),
+        ("missing", missing, "lack 1 tensors"),
+    ]:
+        save_file(bad, tmp_path / f"{name}.safetensors")
+        with pytest.raises(ValueError, match=message):
+            await engine.update_weights(str(tmp_path / f"{name}.safetensors"), version=9)
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="cannot read"):
+        await engine.update_weights(str(tmp_path / "junk.safetensors"), version=9)
+    with pytest.raises(ValueError, match="does not exist"):
+        await engine.update_weights(str(tmp_path / "nope.safetensors"), version=9)
+    assert engine.policy_version == 0
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "message"),
+    [
+        ({"input_ids": [3, 64]}, "outside the vocabulary"),
+        ({"input_ids": [3] * 500, "max_new_tokens": 20}, "exceeds the model context"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_k": 0}, "top_k"),
+    ],
+)
+async def test_bad_requests_are_rejected_with_a_clear_message(engine, request_kwargs, message):
+    request = GenerateRequest(**{"input_ids": [3, 4], "max_new_tokens": 4, **request_kwargs})
+    with pytest.raises(EngineRequestError, match=message):
+        await engine.generate([request])
+
+
+async def test_batches_run_one_at_a_time_and_chunk_by_max_batch_size(tiny_model_path, reference_model):
+    engine = EmbeddedEngine(tiny_model_path, max_batch_size=3)
+    calls = [engine.generate([greedy(p, 6) for p in PROMPTS]) for _ in range(3)]
+    results = await asyncio.gather(*calls)
+    expected = [hf_greedy(reference_model, p, 6) for p in PROMPTS]
+    assert all([o.output_ids for o in outs] == expected for outs in results)
+    assert engine.counters.num_calls == 3 and engine.counters.num_requests == 12
+
+
+def test_rejects_a_path_without_a_model(tmp_path):
+    with pytest.raises(ValueError, match=r"config\.json"):
+        EmbeddedEngine(tmp_path)

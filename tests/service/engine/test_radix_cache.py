@@ -1,0 +1,126 @@
+"""RadixCache: matching, splitting, insertion, locking and LRU eviction (CPU only, no model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from treepo.service.engine.radix_cache import RadixCache
+
+
+def slots(start: int, n: int) -> torch.Tensor:
+    return torch.arange(start, start + n, dtype=torch.int64)
+
+
+def edges(cache: RadixCache) -> list[tuple[int, ...]]:
+    """Every edge key, depth first in sorted order: the shape of the tree."""
+    out, stack = [], [cache.root]
+    while stack:
+        node = stack.pop()
+        out.extend(child.key for child in node.children.values())
+        stack.extend(sorted(node.children.values(), key=lambda n: n.key, reverse=True))
+    return sorted(out)
+
+
+class TestRadixCache:
+    @pytest.mark.parametrize(
+        ("inserted", "query", "expected_length", "expected_edges"),
+        [
+            ([[1, 2, 3]], [1, 2, 3], 3, [(1, 2, 3)]),
+            ([[1, 2, 3]], [1, 2, 3, 4], 3, [(1, 2, 3)]),
+            ([[1, 2, 3]], [1, 2], 2, [(1, 2), (3,)]),  # partial match splits the edge
+            ([[1, 2, 3]], [1, 5], 1, [(1,), (2, 3)]),
+            ([[1, 2, 3]], [4], 0, [(1, 2, 3)]),
+            ([[1, 2, 3], [1, 2, 4]], [1, 2, 4, 9], 3, [(1, 2), (3,), (4,)]),
+            ([[1, 2, 3], [1, 2, 4], [7]], [7, 7], 1, [(1, 2), (3,), (4,), (7,)]),
+            ([], [1], 0, []),
+        ],
+    )
+    def test_match_prefix(self, inserted, query, expected_length, expected_edges):
+        cache = RadixCache()
+        next_slot = 1
+        for key in inserted:
+            present = cache.match_prefix(key).length
+            cache.insert(
+                key, torch.cat([cache.match_prefix(key).indices, slots(next_slot, len(key) - present)])
+            )
+            next_slot += len(key) - present
+        match = cache.match_prefix(query)
+        assert match.length == expected_length
+        assert edges(cache) == expected_edges
+        assert cache.total_size == sum(len(e) for e in expected_edges)
+
+    def test_match_returns_the_slots_of_each_token(self):
+        cache = RadixCache()
+        cache.insert([1, 2, 3, 4], torch.tensor([10, 11, 12, 13]))
+        cache.insert([1, 2, 5], torch.tensor([10, 11, 20]))
+        assert cache.match_prefix([1, 2, 3, 9]).indices.tolist() == [10, 11, 12]
+        assert cache.match_prefix([1, 2, 5]).indices.tolist() == [10, 11, 20]
+
+    def test_insert_reports_the_cached_prefix_and_keeps_the_first_slots(self):
+        cache = RadixCache()
+        assert cache.insert([1, 2, 3], torch.tensor([10, 11, 12])) == 0
+        assert cache.insert([1, 2, 3, 4], torch.tensor([50, 51, 52, 13])) == 3
+        assert cache.match_prefix([1, 2, 3, 4]).indices.tolist() == [10, 11, 12, 13]
+        assert cache.insert([1, 2], torch.tensor([60, 61])) == 2
+        assert cache.total_size == 4
+
+    def test_evict_frees_least_recently_used_leaves_first(self):
+        freed: list[list[int]] = []
+        cache = RadixCache(on_evict=lambda s: freed.append(s.tolist()))
+        cache.insert([1, 2], slots(1, 2))
+        cache.insert([3, 4], slots(3, 2))
+        cache.insert([5, 6], slots(5, 2))
+        cache.match_prefix([1, 2])  # touch: [3, 4] is now the oldest, then [5, 6]
+        assert cache.evict(1) == 2
+        assert freed == [[3, 4]]
+        assert cache.evict(3) == 4
+        assert freed == [[3, 4], [5, 6], [1, 2]]
+        assert cache.total_size == 0 and edges(cache) == []
+
+    def test_evict_climbs_to_parents_that_become_leaves(self):
+        freed: list[list[int]] = []
+        cache = RadixCache(on_evict=lambda s: freed.append(s.tolist()))
+        cache.insert([1, 2, 3], slots(1, 3))
+        cache.insert([1, 2, 4], torch.tensor([1, 2, 9]))
+        cache.insert([8], slots(20, 1))
+        cache.match_prefix([8])
+        assert cache.evict(4) == 4
+        assert sorted(freed) == [[1, 2], [3], [9]]
+        assert cache.match_prefix([8]).length == 1
+
+    def test_locked_nodes_are_never_evicted(self):
+        cache = RadixCache()
+        cache.insert([1, 2, 3], slots(1, 3))
+        cache.insert([4, 5], slots(4, 2))
+        match = cache.match_prefix([1, 2])  # splits; lock the upper part only
+        cache.inc_lock_ref(match.last_node)
+        assert cache.protected_size == 2 and cache.evictable_size == 3
+        assert cache.evict(100) == 3  # [3] below the lock and [4, 5] go; [1, 2] stays
+        assert cache.match_prefix([1, 2, 3]).length == 2
+        cache.dec_lock_ref(match.last_node)
+        assert cache.protected_size == 0 and cache.evictable_size == 2
+        assert cache.evict(100) == 2 and cache.total_size == 0
+
+    def test_lock_survives_a_split_below_it(self):
+        cache = RadixCache()
+        cache.insert([1, 2, 3, 4], slots(1, 4))
+        match = cache.match_prefix([1, 2, 3, 4])
+        cache.inc_lock_ref(match.last_node)
+        cache.match_prefix([1, 2])  # splits the locked edge
+        assert cache.evict(100) == 0
+        assert cache.protected_size == 4
+        cache.dec_lock_ref(match.last_node)
+        assert cache.evictable_size == 4 and cache.evict(100) == 4
+
+    def test_unbalanced_unlock_is_an_error(self):
+        cache = RadixCache()
+        cache.insert([1], slots(1, 1))
+        with pytest.raises(AssertionError):
+            cache.dec_lock_ref(cache.match_prefix([1]).last_node)
+
+    def test_reset_empties_the_tree(self):
+        cache = RadixCache()
+        cache.insert([1, 2], slots(1, 2))
+        cache.reset()
+        assert cache.match_prefix([1, 2]).length == 0 and cache.total_size == 0
