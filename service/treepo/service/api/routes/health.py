@@ -1,0 +1,51 @@
+"""Probes and Prometheus metrics (never behind auth)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from redis.exceptions import RedisError
+
+from treepo.service.api.deps import MetricsDep, QueueDep, RuntimeDep
+
+logger = logging.getLogger(__name__)
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"description": "engine not loaded or Redis unreachable"}})
+async def readyz(runtime: RuntimeDep, queue: QueueDep) -> JSONResponse:
+    """Ready when the engine is loaded and healthy and Redis answers."""
+    engine_ok = runtime.state == "ready" and await runtime.health()
+    redis_ok = await queue.ping()
+    body = {
+        "engine": runtime.state if runtime.state != "ready" or engine_ok else "unhealthy",
+        "engine_error": runtime.error,
+        "redis": "ok" if redis_ok else "unreachable",
+        "policy_version": runtime.weights.policy_version,
+        "swapping_weights": runtime.gate.is_swapping,
+    }
+    ready = engine_ok and redis_ok
+    headers = None if ready else {"Retry-After": str(runtime.settings.retry_after_s)}
+    return JSONResponse({"ready": ready, **body}, status_code=200 if ready else 503, headers=headers)
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(metrics: MetricsDep, queue: QueueDep) -> Response:
+    """Prometheus exposition; the queue gauges are refreshed from Redis on each scrape."""
+    try:
+        stats = await asyncio.wait_for(queue.stats(), timeout=2.0)
+        metrics.queue_depth.set(stats.depth)
+        metrics.queue_oldest_age.set(stats.oldest_age_s)
+    except (RedisError, OSError, TimeoutError):
+        logger.warning("could not refresh the queue gauges", exc_info=True)
+    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,196 @@
+"""POST /rollout_tree: one tree per prompt, delivered inline, to the Redis stream, or as NDJSON."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from treepo.client.schema import ErrorBody, RolloutAccepted, RolloutTreeRequest, RolloutTreeResponse, Tree
+from treepo.service.api.deps import IdempotencyKeyDep, JobsDep, LoadedDep, MetricsDep, QueueDep, SettingsDep
+from treepo.service.api.errors import ApiError
+from treepo.service.queue import IdempotencyRecord, TreeQueue
+from treepo.service.rollout import TreeFailure, prepare, sample_trees
+from treepo.service.runtime import Loaded
+
+logger = logging.getLogger(__name__)
+router = APIRouter(tags=["rollout"])
+NDJSON = "application/x-ndjson"
+
+_RESPONSES: dict[int | str, dict] = {
+    200: {
+        "description": 'inline: the trees; stream: one Tree JSON per line (NDJSON), or {"error": ...} lines',
+        "content": {NDJSON: {}},
+    },
+    202: {"model": RolloutAccepted, "description": "queue: accepted; each tree is XADDed to the stream"},
+    409: {"model": ErrorBody, "description": "the same Idempotency-Key is still being processed"},
+    413: {"model": ErrorBody, "description": "request body or prompt count over the configured limit"},
+    429: {"model": ErrorBody, "description": "the trees stream is over its configured depth (Retry-After)"},
+    503: {"model": ErrorBody, "description": "the engine is loading or swapping weights (Retry-After)"},
+}
+
+
+@router.post("/rollout_tree", response_model=RolloutTreeResponse, responses=_RESPONSES)
+async def rollout_tree(
+    body: RolloutTreeRequest,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    loaded: LoadedDep,
+    queue: QueueDep,
+    jobs: JobsDep,
+    idempotency_key: IdempotencyKeyDep = None,
+) -> Response:
+    """Sample one TreePO tree per prompt. `delivery`: `inline` answers 200 with the trees, `queue` answers
+    202 and XADDs each tree to the Redis stream as it completes, `stream` answers NDJSON, one tree per line
+    in completion order. With `Idempotency-Key`, a retry returns the first answer and enqueues nothing
+    twice."""
+    if len(body.prompts) > settings.max_prompts_per_request:
+        raise ApiError(
+            413,
+            f"{len(body.prompts)} prompts in one request; the limit is "
+            f"{settings.max_prompts_per_request}: split the batch",
+            reason="too_large",
+        )
+    fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+    if idempotency_key:
+        earlier = await queue.claim(idempotency_key, fingerprint)
+        if earlier is not None:
+            return _replay(earlier, fingerprint, settings.retry_after_s)
+    try:
+        request_id = uuid.uuid4().hex
+        prompts = prepare(body, loaded.codec, loaded.engine.max_context, request_id)
+        if body.delivery == "queue":
+            await _check_depth(queue, metrics, settings.max_queue_depth, settings.retry_after_s)
+            accepted = RolloutAccepted(
+                request_id=request_id, tree_ids=[p.tree_id for p in prompts], stream=queue.stream
+            )
+            response: Response = JSONResponse(accepted.model_dump(), status_code=202)
+            await _remember(queue, idempotency_key, fingerprint, response)
+            jobs.submit(loaded, prompts, body, request_id)
+        elif body.delivery == "inline":
+            response = await _inline(
+                loaded, prompts, body, metrics, queue, request_id, settings.retry_after_s
+            )
+            await _remember(queue, idempotency_key, fingerprint, response)
+        else:
+            lines = _ndjson(loaded, prompts, body, metrics, queue, request_id, idempotency_key, fingerprint)
+            response = StreamingResponse(lines, media_type=NDJSON)
+    except BaseException:
+        if idempotency_key:
+            await queue.release(idempotency_key)
+        raise
+    metrics.rollout_prompts.labels(delivery=body.delivery).inc(len(prompts))
+    return response
+
+
+async def _inline(
+    loaded: Loaded,
+    prompts: list,
+    body: RolloutTreeRequest,
+    metrics: MetricsDep,
+    queue: TreeQueue,
+    request_id: str,
+    retry_after_s: int,
+) -> Response:
+    trees: dict[int, Tree] = {}
+    failures: list[TreeFailure] = []
+    index = {p.tree_id: p.index for p in prompts}
+    async for result in sample_trees(loaded.sampler, prompts, body, metrics):
+        if isinstance(result, Tree):
+            trees[index[result.tree_id]] = result
+            await queue.remember(result)
+        else:
+            failures.append(result)
+    if failures:
+        return _failed(failures, len(prompts), request_id, retry_after_s)
+    ordered = RolloutTreeResponse(trees=[trees[i] for i in sorted(trees)])
+    return Response(ordered.model_dump_json(), media_type="application/json")
+
+
+async def _ndjson(
+    loaded: Loaded,
+    prompts: list,
+    body: RolloutTreeRequest,
+    metrics: MetricsDep,
+    queue: TreeQueue,
+    request_id: str,
+    idempotency_key: str | None,
+    fingerprint: str,
+) -> AsyncIterator[str]:
+    """One line per tree as it completes; a failed tree becomes an {"error": {...}} line."""
+    lines: list[str] = []
+    try:
+        async for result in sample_trees(loaded.sampler, prompts, body, metrics):
+            if isinstance(result, Tree):
+                await queue.remember(result)
+                line = result.model_dump_json() + "\n"
+            else:
+                line = json.dumps({"error": result.record(request_id)}) + "\n"
+            lines.append(line)
+            yield line
+    except BaseException:
+        if idempotency_key:
+            await queue.release(idempotency_key)
+        raise
+    if idempotency_key:
+        record = IdempotencyRecord(fingerprint, True, 200, NDJSON, "".join(lines))
+        await queue.complete(idempotency_key, record)
+
+
+async def _check_depth(queue: TreeQueue, metrics: MetricsDep, max_depth: int, retry_after_s: int) -> None:
+    stats = await queue.stats()
+    metrics.queue_depth.set(stats.depth)
+    metrics.queue_oldest_age.set(stats.oldest_age_s)
+    if stats.depth >= max_depth:
+        raise ApiError(
+            429,
+            f"the trees stream holds {stats.depth} unconsumed trees (limit {max_depth}); "
+            "retry after the trainer catches up",
+            reason="queue_full",
+            retry_after_s=retry_after_s,
+        )
+
+
+async def _remember(queue: TreeQueue, key: str | None, fingerprint: str, response: Response) -> None:
+    """Keep a successful answer for replays; forget a failed one so that a retry runs again."""
+    if key and response.status_code >= 300:
+        await queue.release(key)
+    elif key:
+        body = bytes(response.body).decode()
+        record = IdempotencyRecord(fingerprint, True, response.status_code, response.media_type or "", body)
+        await queue.complete(key, record)
+
+
+def _failed(failures: list[TreeFailure], num_prompts: int, request_id: str, retry_after_s: int) -> Response:
+    """Inline answer when trees failed: 422 if the sampler refused the input, 503 if the engine is down."""
+    kinds = {failure.kind for failure in failures}
+    status, headers = 500, None
+    if kinds == {"input"}:
+        status = 422
+    elif "unavailable" in kinds:
+        status, headers = 503, {"Retry-After": str(retry_after_s)}
+    records = [failure.record(request_id) for failure in failures]
+    detail = {"message": f"{len(failures)} of {num_prompts} trees could not be sampled", "failures": records}
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def _replay(record: IdempotencyRecord, fingerprint: str, retry_after_s: int) -> Response:
+    if record.fingerprint != fingerprint:
+        raise ApiError(
+            422,
+            "this Idempotency-Key was used with a different request body; use a new key for a new request",
+            reason="invalid",
+        )
+    if not record.is_done:
+        raise ApiError(
+            409,
+            "a request with this Idempotency-Key is still running; retry later",
+            retry_after_s=retry_after_s,
+        )
+    headers = {"Idempotent-Replayed": "true"}
+    return Response(record.body, status_code=record.status, media_type=record.media_type, headers=headers)

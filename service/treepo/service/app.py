@@ -1,0 +1,78 @@
+"""The FastAPI application: `create_app(settings)` wires settings, metrics, Redis, the engine and routes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+
+from treepo.service.api.errors import install_error_handlers
+from treepo.service.api.middleware import AuthMiddleware, BodyLimitMiddleware, MetricsMiddleware
+from treepo.service.api.routes import health, rollout, trees, weights
+from treepo.service.config import Settings
+from treepo.service.factory import EngineFactory, build_engine
+from treepo.service.jobs import QueueJobs
+from treepo.service.metrics import ServiceMetrics
+from treepo.service.queue import TreeQueue
+from treepo.service.runtime import EngineRuntime
+
+logger = logging.getLogger(__name__)
+DESCRIPTION = """TreePO rollout-as-a-service: tree-structured sampling (arXiv 2508.17445) for RL on reasoning
+LLMs. Trees are returned inline, streamed as NDJSON, or XADDed to a Redis stream for trainers."""
+
+
+def create_app(settings: Settings | None = None, *, engine_factory: EngineFactory = build_engine) -> FastAPI:
+    """A new app with its own metrics registry; the engine loads in the background once it starts."""
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
+        queue = TreeQueue(
+            redis,
+            settings.key_prefix,
+            tree_ttl_s=settings.tree_ttl_s,
+            idempotency_ttl_s=settings.idempotency_ttl_s,
+        )
+        runtime = EngineRuntime(settings, app.state.metrics, engine_factory)
+        jobs = QueueJobs(queue, app.state.metrics)
+        app.state.queue, app.state.runtime, app.state.jobs = queue, runtime, jobs
+        loader = asyncio.create_task(runtime.load(), name="engine-load")
+        try:
+            yield
+        finally:
+            await jobs.drain(settings.shutdown_grace_s)
+            loader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loader
+            await runtime.close()
+            await redis.aclose()
+
+    app = FastAPI(title="TreePO rollout service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    for router in (rollout.router, weights.router, trees.router, health.router):
+        app.include_router(router)
+    metrics = ServiceMetrics(routes=_route_methods(app))
+    app.state.settings, app.state.metrics = settings, metrics
+    install_error_handlers(app)
+    token = settings.api_token.get_secret_value() if settings.api_token else None
+    overrides = {"/weights": settings.max_upload_bytes}
+    # Added innermost first: metrics see every answer, auth runs before the body is read.
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_request_bytes, metrics=metrics, overrides=overrides
+    )
+    app.add_middleware(AuthMiddleware, token=token, metrics=metrics)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.router.routes)
+    return app
+
+
+def _route_methods(app: FastAPI) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for route in app.routes:
+        for method in sorted(getattr(route, "methods", None) or ()):
+            if method != "HEAD":
+                pairs.append((getattr(route, "path", ""), method))
+    return tuple(pairs)

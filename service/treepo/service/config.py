@@ -1,0 +1,88 @@
+"""Service settings: one pydantic-settings model read from `TREEPO_*` variables (and `REDIS_URL`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from treepo.client.constants import DEFAULT_PREFIX
+
+EngineKind = Literal["embedded", "sglang", "scripted"]
+
+
+class Settings(BaseSettings):
+    """Everything `treepo serve` can be told; every field is also `TREEPO_<FIELD>` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="TREEPO_", extra="ignore", populate_by_name=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    engine: EngineKind = Field(default="embedded", description="Inference backend.")
+    model_path: str | None = Field(
+        default=None,
+        description="Local HF model directory (tokenizer + weights); null = the shipped tiny model.",
+    )
+    device: str = Field(default="cpu", description="Embedded engine device: cpu, cuda, cuda:1...")
+    sglang_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["http://127.0.0.1:30000"], description="SGLang worker (or router) base URLs."
+    )
+    max_context: int | None = Field(
+        default=None,
+        ge=2,
+        description="Context length for engines that cannot tell it (sglang); null = model config.",
+    )
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        validation_alias=AliasChoices("TREEPO_REDIS_URL", "REDIS_URL", "redis_url"),
+    )
+    key_prefix: str = Field(default=DEFAULT_PREFIX, min_length=1, description="Redis key namespace.")
+    max_queue_depth: int = Field(
+        default=10_000, ge=1, description="Unconsumed trees in the stream above which queue requests get 429."
+    )
+    max_prompts_per_request: int = Field(default=1024, ge=1)
+    max_request_bytes: int = Field(default=16 * 2**20, ge=1024, description="JSON body limit (413 above).")
+    max_upload_bytes: int = Field(default=8 * 2**30, ge=1024, description="Weights upload limit (413 above).")
+    weights_dir: Path = Field(
+        default=Path("weights"), description="POST /weights paths must lie under it; uploads land in it."
+    )
+    tree_ttl_s: int = Field(default=24 * 3600, ge=1, description="How long GET /trees/{id} keeps a tree.")
+    idempotency_ttl_s: int = Field(default=24 * 3600, ge=1)
+    api_token: SecretStr | None = Field(default=None, description="Bearer token; null = no auth.")
+    max_batch_size: int | None = Field(
+        default=None, ge=1, description="Requests per engine call; null = all."
+    )
+    retry_after_s: int = Field(default=2, ge=1, description="Retry-After sent with 429 and 503.")
+    swap_wait_s: float = Field(
+        default=5.0, ge=0, description="How long a new request waits for a weight swap before 503."
+    )
+    shutdown_grace_s: float = Field(
+        default=30.0, ge=0, description="Time queued work gets to finish on stop."
+    )
+    scripted_latency_s: float = Field(
+        default=0.0, ge=0, description="Per-call latency of the scripted engine."
+    )
+
+    @field_validator("sglang_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value: object) -> object:
+        if isinstance(value, str) and not value.lstrip().startswith("["):
+            return [url.strip() for url in value.split(",") if url.strip()]
+        return value
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _no_colon_end(cls, value: str) -> str:
+        if value.endswith(":"):
+            raise ValueError(f"key_prefix must not end with ':' (got {value!r}); the names add it")
+        return value
+
+    def resolved_model_path(self) -> str:
+        """The model directory: the configured one, else the shipped tiny model."""
+        if self.model_path:
+            return self.model_path
+        from treepo.service.tinymodel import default_model_path
+
+        return str(default_model_path())

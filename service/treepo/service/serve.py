@@ -1,0 +1,73 @@
+"""`treepo serve`: run the rollout service under uvicorn."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from treepo.service.config import EngineKind
+
+logger = logging.getLogger(__name__)
+ENGINE_KINDS = ("embedded", "sglang", "scripted")
+
+
+def serve(
+    host: Annotated[
+        str | None, typer.Option(help="Bind address [env TREEPO_HOST; default 127.0.0.1].")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Port [env TREEPO_PORT; default 8000].")] = None,
+    engine: Annotated[
+        str | None, typer.Option(help="embedded | sglang | scripted [env TREEPO_ENGINE; default embedded].")
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Local HF model dir [env TREEPO_MODEL_PATH; default the shipped tiny model]."),
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="Embedded engine device: cpu, cuda... [default cpu].")
+    ] = None,
+    sglang_url: Annotated[
+        list[str] | None, typer.Option(help="SGLang worker/router URL (repeatable) [env TREEPO_SGLANG_URLS].")
+    ] = None,
+    weights_dir: Annotated[
+        Path | None, typer.Option(help="POST /weights paths must lie under it [env TREEPO_WEIGHTS_DIR].")
+    ] = None,
+    redis_url: Annotated[
+        str | None, typer.Option(help="Redis URL [env REDIS_URL / TREEPO_REDIS_URL].")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="debug | info | warning | error.")] = "info",
+) -> None:
+    """Start the TreePO rollout service (FastAPI + uvicorn); other settings: TREEPO_* variables."""
+    import uvicorn
+    from pydantic import ValidationError
+
+    from treepo.service.app import create_app
+    from treepo.service.config import Settings
+
+    if engine is not None and engine not in ENGINE_KINDS:
+        raise typer.BadParameter(f"unknown engine {engine!r}; expected one of {', '.join(ENGINE_KINDS)}")
+    overrides = {
+        "host": host,
+        "port": port,
+        "engine": engine,
+        "model_path": model,
+        "device": device,
+        "sglang_urls": sglang_url,
+        "weights_dir": weights_dir,
+        "redis_url": redis_url,
+    }
+    try:
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    _check_model(settings.engine, model)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level.lower())
+
+
+def _check_model(engine: EngineKind, model: str | None) -> None:
+    if model is not None and engine != "scripted" and not Path(model).is_dir():
+        raise typer.BadParameter(f"--model {model!r} is not a directory; give a local Hugging Face model dir")
