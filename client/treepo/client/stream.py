@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 from pydantic import ValidationError
+from redis.client import Pipeline
 
 from treepo.client.constants import DEFAULT_PREFIX, FAILURE_FIELD, TREE_FIELD, failures_stream, trees_stream
 from treepo.client.schema import Tree
@@ -90,13 +91,22 @@ class TreeStream:
             trees += self._read_new(count - len(trees), block)
         return trees
 
-    def ack(self, entry_ids: Iterable[str]) -> int:
-        """Acknowledge entries; returns how many were pending."""
+    def ack(self, entry_ids: Iterable[str], *, also: Callable[[Pipeline], object] | None = None) -> int:
+        """Acknowledge entries; returns how many were pending.
+
+        `also(pipe)` may queue more commands (e.g. a ledger SADD) to run in the same MULTI/EXEC.
+        """
         ids = list(entry_ids)
-        if not ids:
+        if not ids and also is None:
             return 0
+        pipe = self.redis.pipeline(transaction=True)
+        if also is not None:
+            also(pipe)
+        if ids:
+            pipe.xack(self.stream, self.group, *ids)
+        results = pipe.execute()
         self._in_flight.difference_update(ids)
-        return int(self.redis.xack(self.stream, self.group, *ids))
+        return int(results[-1]) if ids else 0
 
     def pending(self) -> int:
         """Entries delivered to the group and not yet acknowledged (all consumers)."""

@@ -1,0 +1,198 @@
+"""Trainer-side queue logic: assemble a batch of scored trees, then commit it after the checkpoint.
+
+At-least-once delivery (TreeStream) plus an idempotency ledger (a Redis set of trained tree ids) means no
+tree is lost and none is trained twice. Trees that cannot be trained (already trained, too stale,
+filtered by DAPO dynamic sampling, corrupt) are counted and acked at once; kept trees are acked by
+`commit`, together with their ledger entry, only after the optimizer step that used them is saved.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+from treepo.client.constants import trained_ledger
+from treepo.client.schema import Tree
+from treepo.client.stream import StreamedTree, TreeStream
+from treepo.trainer.rewards import OverlongPenalty, RewardFn, TreeScores, dynamic_filter, score_tree
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ScoredTree:
+    """A kept tree, its stream entry and its leaves' scores (in `tree.leaves` order)."""
+
+    entry_id: str
+    tree: Tree
+    scores: TreeScores
+    staleness: int  # current policy version - the tree's policy version
+
+    @property
+    def rewards(self) -> list[float]:
+        return self.scores.rewards
+
+    @property
+    def is_correct(self) -> list[bool]:
+        return [score > 0 for score in self.scores.scores]
+
+    def paths(self) -> list[list[str]]:
+        """Each leaf's [tree_id, node ids from the root's child to the leaf], for tree_advantages."""
+        return [[self.tree.tree_id, *(node.id for node in self.tree.path(leaf))] for leaf in self.tree.leaves]
+
+
+@dataclass(slots=True)
+class BatchCounts:
+    """What happened to the entries read while assembling a batch."""
+
+    num_read: int = 0
+    num_kept: int = 0
+    num_duplicates: int = 0  # already trained (ledger) or already in an uncommitted batch
+    num_stale: int = 0
+    num_filtered: int = 0  # DAPO dynamic sampling: all leaves scored the same
+    num_all_correct: int = 0
+    num_all_wrong: int = 0
+    num_corrupt: int = 0
+    num_empty: int = 0  # trees without leaves: nothing to train on
+
+    def add(self, other: BatchCounts) -> None:
+        for name, value in asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class Batch:
+    trees: list[ScoredTree]
+    counts: BatchCounts
+    is_full: bool  # False when the timeout ended assembly early
+
+    @property
+    def entry_ids(self) -> list[str]:
+        return [t.entry_id for t in self.trees]
+
+    @property
+    def tree_ids(self) -> list[str]:
+        return [t.tree.tree_id for t in self.trees]
+
+    def paths(self) -> list[list[str]]:
+        return [path for t in self.trees for path in t.paths()]
+
+    def rewards(self) -> list[float]:
+        return [reward for t in self.trees for reward in t.rewards]
+
+    def mean_staleness(self) -> float:
+        return sum(t.staleness for t in self.trees) / len(self.trees) if self.trees else 0.0
+
+
+@dataclass(slots=True)
+class TreeConsumer:
+    """Pulls trees off a TreeStream for one training job (consumer group)."""
+
+    stream: TreeStream
+    max_staleness: int | None = None  # None: any age; 0: strictly on-policy
+    enable_filter: bool = True
+    overlong: OverlongPenalty | None = None
+    totals: BatchCounts = field(default_factory=BatchCounts)
+    _uncommitted: set[str] = field(default_factory=set)  # tree ids handed out, not yet committed
+
+    def __post_init__(self) -> None:
+        if self.max_staleness is not None and self.max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0 or None (got {self.max_staleness})")
+
+    @property
+    def ledger(self) -> str:
+        return trained_ledger(self.stream.group, self.stream.prefix)
+
+    # Public API
+
+    def assemble_batch(
+        self,
+        num_prompts: int,
+        reward_fn: RewardFn,
+        *,
+        current_version: int = 0,
+        timeout_s: float | None = None,
+    ) -> Batch:
+        """Read until `num_prompts` trees survive dedup, staleness and scoring + filtering, topping up
+        from the queue; returns early (is_full=False) when `timeout_s` passes first."""
+        if num_prompts < 1:
+            raise ValueError(f"num_prompts must be >= 1 (got {num_prompts})")
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        counts, kept = BatchCounts(), []
+        corrupt_before = self.stream.num_corrupt
+        while len(kept) < num_prompts and (deadline is None or time.monotonic() < deadline):
+            delivered = self.stream.read(num_prompts - len(kept))
+            counts.num_read += len(delivered)
+            kept += self._admit(delivered, reward_fn, current_version, counts)
+        counts.num_corrupt = self.stream.num_corrupt - corrupt_before
+        counts.num_kept = len(kept)
+        self.totals.add(counts)
+        self._uncommitted.update(t.tree.tree_id for t in kept)
+        return Batch(kept, counts, is_full=len(kept) >= num_prompts)
+
+    def commit(self, entry_ids: Sequence[str], tree_ids: Sequence[str]) -> None:
+        """Mark trees trained and ack their entries in one MULTI/EXEC. Call it after the checkpoint
+        of the step that used them is saved; calling it again (on resume) is harmless."""
+        ledger = self.ledger
+        tree_ids = list(tree_ids)
+
+        def add_to_ledger(pipe) -> None:
+            if tree_ids:
+                pipe.sadd(ledger, *tree_ids)
+
+        self.stream.ack(entry_ids, also=add_to_ledger)
+        self._uncommitted.difference_update(tree_ids)
+
+    def commit_batch(self, batch: Batch) -> None:
+        self.commit(batch.entry_ids, batch.tree_ids)
+
+    def is_trained(self, tree_ids: Iterable[str]) -> list[bool]:
+        ids = list(tree_ids)
+        return [bool(flag) for flag in self.stream.redis.smismember(self.ledger, ids)] if ids else []
+
+    # Internal helpers
+
+    def _admit(
+        self, delivered: list[StreamedTree], reward_fn: RewardFn, current_version: int, counts: BatchCounts
+    ) -> list[ScoredTree]:
+        """Keep what can be trained; ack everything else at once."""
+        kept: list[ScoredTree] = []
+        skipped: list[str] = []
+        trained = self.is_trained(item.tree.tree_id for item in delivered)
+        seen = set(self._uncommitted)
+        for item, is_trained in zip(delivered, trained, strict=True):
+            tree = item.tree
+            staleness = current_version - tree.policy_version
+            if is_trained or tree.tree_id in seen:
+                counts.num_duplicates += 1
+                logger.info("skipping tree %s (entry %s): already trained", tree.tree_id, item.entry_id)
+            elif not tree.leaves:
+                counts.num_empty += 1
+                logger.warning("skipping tree %s (entry %s): it has no leaves", tree.tree_id, item.entry_id)
+            elif self.max_staleness is not None and staleness > self.max_staleness:
+                counts.num_stale += 1
+            else:
+                scored = ScoredTree(
+                    item.entry_id, tree, score_tree(tree, reward_fn, self.overlong), staleness
+                )
+                if self._passes_filter(scored, counts):
+                    kept.append(scored)
+                    seen.add(tree.tree_id)
+                    continue
+            skipped.append(item.entry_id)
+        self.stream.ack(skipped)
+        return kept
+
+    def _passes_filter(self, scored: ScoredTree, counts: BatchCounts) -> bool:
+        if not self.enable_filter:
+            return True
+        result = dynamic_filter([scored.scores.scores])
+        counts.num_filtered += result.num_filtered
+        counts.num_all_correct += result.num_all_correct
+        counts.num_all_wrong += result.num_all_wrong
+        return bool(result.kept)
