@@ -67,7 +67,7 @@ def reopen(builder: TreeBuilder, tree: TreeParams, rng: random.Random) -> list[P
     rng.shuffle(candidates)
     if not candidates:  # one fresh sample from the prompt
         return [Path(node_id=None, depth=0) for _ in range(min(tree.branch, remaining))]
-    paths: list[Path] = []
+    plans: list[tuple[int, int, int]] = []  # (leaf position, kept tokens, copies)
     for index in candidates:
         if remaining == 0:
             break
@@ -75,6 +75,26 @@ def reopen(builder: TreeBuilder, tree: TreeParams, rng: random.Random) -> list[P
         length = sum(len(node.token_ids) for node in builder.path_nodes(leaf))
         point = locate_cut(builder, leaf, random_cut(length, window, rng), tree.max_depth)
         copies = min(tree.branch, remaining)
-        paths.extend(builder.path_to(point.node_id) for _ in range(copies))
+        plans.append((index, point.tokens, copies))
         remaining -= copies
+    # resolve nodes only after every split of this round: a later split can move an earlier cut's node
+    paths: list[Path] = []
+    for index, kept, copies in plans:
+        node_id = _node_ending_at(builder, builder.leaves[index], kept, tree.max_depth)
+        paths.extend(builder.path_to(node_id) for _ in range(copies))
     return paths
+
+
+def _node_ending_at(builder: TreeBuilder, leaf_id: str, kept: int, max_depth: int) -> str | None:
+    """The node of `leaf_id`'s path ending at token `kept` (None = the prompt), moved up below max_depth."""
+    if kept == 0:
+        return None
+    total = 0
+    for node in builder.path_nodes(leaf_id):
+        total += len(node.token_ids)
+        if total == kept:
+            if node.depth < max_depth:
+                return node.id
+            ancestors = builder.path_nodes(node.id)
+            return ancestors[max_depth - 2].id if max_depth > 1 else None
+    raise AssertionError(f"no node boundary at {kept=} on the path of {leaf_id=}")
