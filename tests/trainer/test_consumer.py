@@ -3,12 +3,20 @@ a dead consumer's trees are taken over, corrupt entries go to the failures strea
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 import redis
 
-from treepo.client.constants import TREE_FIELD, failures_stream, trained_ledger, trees_stream
+from treepo.client.constants import (
+    FAILURE_FIELD,
+    TREE_FIELD,
+    failures_stream,
+    rewards_key,
+    trained_ledger,
+    trees_stream,
+)
 from treepo.client.schema import Node, Tree
 from treepo.client.stream import TreeStream
 from treepo.trainer.advantages import tree_advantages
@@ -153,7 +161,39 @@ class TestAssembleBatch:
         assert batch.tree_ids == ["a"]
         assert batch.counts.num_empty == 1
 
-    @pytest.mark.parametrize(("kwargs", "message"), [({"max_staleness": -1}, "max_staleness")])
+    def test_rewards_are_written_back_for_the_viewer(self, make_consumer, client, key_prefix):
+        _publish(client, key_prefix, _tree("a", MIXED), _tree("b", ALL_WRONG), _tree("c", MIXED))
+        make_consumer().assemble_batch(2, toy_reward, timeout_s=5)
+        for tree_id, expected in [("a", {b"2-0": 1.0, b"2-1": -1.0}), ("b", {b"2-0": -1.0, b"2-1": -1.0})]:
+            key = rewards_key(tree_id, key_prefix)
+            assert {leaf: float(v) for leaf, v in client.hgetall(key).items()} == expected
+            assert 0 < client.ttl(key) <= 24 * 3600
+
+    def test_unscorable_tree_goes_to_failures(self, make_consumer, client, key_prefix):
+        no_answer = _tree("x", MIXED).model_copy(update={"metadata": {}})
+        _publish(client, key_prefix, no_answer, _tree("a", MIXED))
+        consumer = make_consumer()
+        batch = consumer.assemble_batch(1, toy_reward, timeout_s=5)
+        assert batch.tree_ids == ["a"]
+        assert batch.counts.num_unscorable == 1
+        ((_, fields),) = client.xrange(failures_stream(key_prefix))
+        record = json.loads(fields[FAILURE_FIELD.encode()])
+        assert record["reason"] == "unscorable_tree"
+        assert Tree.model_validate_json(record["fields"][TREE_FIELD]).tree_id == "x"  # kept whole
+        assert consumer.stream.pending() == 1
+
+    def test_misconfigured_reward_stops_after_a_few_trees(self, make_consumer, client, key_prefix):
+        _publish(
+            client, key_prefix, *[_tree(f"t{i}", MIXED).model_copy(update={"metadata": {}}) for i in range(5)]
+        )
+        with pytest.raises(RuntimeError, match="3 trees in a row could not be scored"):
+            make_consumer(max_unscorable=3).assemble_batch(5, toy_reward, timeout_s=5)
+        assert client.xlen(failures_stream(key_prefix)) == 3
+
+    @pytest.mark.parametrize(
+        ("kwargs", "message"),
+        [({"max_staleness": -1}, "max_staleness"), ({"max_unscorable": 0}, "max_unscorable")],
+    )
     def test_bad_settings(self, make_consumer, kwargs, message):
         with pytest.raises(ValueError, match=message):
             make_consumer(**kwargs)

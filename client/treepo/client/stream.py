@@ -190,25 +190,32 @@ class TreeStream:
             trees.append(StreamedTree(entry_id, tree, is_claimed))
         return trees
 
-    def _quarantine(self, entry_id: str, fields: Any, error: Exception) -> None:
-        """Record a corrupt entry on the failures stream and ack it, in one transaction."""
-        self.num_corrupt += 1
-        raw = {_text(key): _text(value)[:_MAX_RAW_CHARS] for key, value in (fields or {}).items()}
+    def quarantine(self, entry_id: str, reason: str, error: Exception, fields: dict[str, str]) -> None:
+        """Move an entry that cannot be trained to the failures stream and ack it, in one transaction:
+        it stops blocking the group, and nothing accepted vanishes."""
         record = {
-            "reason": "corrupt_tree_entry",
+            "reason": reason,
             "stream": self.stream,
             "entry_id": entry_id,
             "group": self.group,
             "consumer": self.consumer,
             "error": f"{type(error).__name__}: {str(error)[:500]}",
-            "fields": raw,
+            "fields": fields,
             "time": time.time(),
         }
-        logger.error("corrupt entry %s on %s moved to %s: %s", entry_id, self.stream, self.failures, error)
+        logger.error(
+            "%s: entry %s of %s moved to %s: %s", reason, entry_id, self.stream, self.failures, error
+        )
         pipe = self.redis.pipeline(transaction=True)
         pipe.xadd(self.failures, {FAILURE_FIELD: json.dumps(record)})
         pipe.xack(self.stream, self.group, entry_id)
         pipe.execute()
+        self._in_flight.discard(entry_id)
+
+    def _quarantine(self, entry_id: str, fields: Any, error: Exception) -> None:
+        self.num_corrupt += 1
+        raw = {_text(key): _text(value)[:_MAX_RAW_CHARS] for key, value in (fields or {}).items()}
+        self.quarantine(entry_id, "corrupt_tree_entry", error, raw)
 
 
 def _entries_of(reply: Any) -> list[tuple[Any, Any]]:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from treepo.client.constants import trained_ledger
+from treepo.client.constants import TREE_FIELD, rewards_key, trained_ledger
 from treepo.client.schema import Tree
 from treepo.client.stream import StreamedTree, TreeStream
 from treepo.trainer.rewards import OverlongPenalty, RewardFn, TreeScores, dynamic_filter, score_tree
@@ -56,6 +56,7 @@ class BatchCounts:
     num_all_wrong: int = 0
     num_corrupt: int = 0
     num_empty: int = 0  # trees without leaves: nothing to train on
+    num_unscorable: int = 0  # the reward function raised ValueError: moved to the failures stream
 
     def add(self, other: BatchCounts) -> None:
         for name, value in asdict(other).items():
@@ -97,12 +98,17 @@ class TreeConsumer:
     max_staleness: int | None = None  # None: any age; 0: strictly on-policy
     enable_filter: bool = True
     overlong: OverlongPenalty | None = None
+    rewards_ttl_s: int | None = 24 * 3600  # leaf rewards written back for the tree viewer; None: off
+    max_unscorable: int = 8  # this many unscorable trees in a row means a misconfigured reward: stop
     totals: BatchCounts = field(default_factory=BatchCounts)
+    _num_unscorable_in_a_row: int = 0
     _uncommitted: set[str] = field(default_factory=set)  # tree ids handed out, not yet committed
 
     def __post_init__(self) -> None:
         if self.max_staleness is not None and self.max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0 or None (got {self.max_staleness})")
+        if self.max_unscorable < 1:
+            raise ValueError(f"max_unscorable must be >= 1 (got {self.max_unscorable})")
 
     @property
     def ledger(self) -> str:
@@ -162,6 +168,7 @@ class TreeConsumer:
     ) -> list[ScoredTree]:
         """Keep what can be trained; ack everything else at once."""
         kept: list[ScoredTree] = []
+        scored_all: list[ScoredTree] = []
         skipped: list[str] = []
         trained = self.is_trained(item.tree.tree_id for item in delivered)
         seen = set(self._uncommitted)
@@ -176,17 +183,50 @@ class TreeConsumer:
                 logger.warning("skipping tree %s (entry %s): it has no leaves", tree.tree_id, item.entry_id)
             elif self.max_staleness is not None and staleness > self.max_staleness:
                 counts.num_stale += 1
+            elif (scored := self._score(item, reward_fn, staleness, counts)) is None:
+                continue  # quarantined
             else:
-                scored = ScoredTree(
-                    item.entry_id, tree, score_tree(tree, reward_fn, self.overlong), staleness
-                )
+                scored_all.append(scored)
                 if self._passes_filter(scored, counts):
                     kept.append(scored)
                     seen.add(tree.tree_id)
                     continue
             skipped.append(item.entry_id)
         self.stream.ack(skipped)
+        self._report_rewards(scored_all)
         return kept
+
+    def _score(
+        self, item: StreamedTree, reward_fn: RewardFn, staleness: int, counts: BatchCounts
+    ) -> ScoredTree | None:
+        """Score a tree; one the reward function rejects (ValueError) goes to the failures stream."""
+        try:
+            scores = score_tree(item.tree, reward_fn, self.overlong)
+        except ValueError as error:
+            counts.num_unscorable += 1
+            self._num_unscorable_in_a_row += 1
+            self.stream.quarantine(
+                item.entry_id, "unscorable_tree", error, {TREE_FIELD: item.tree.model_dump_json()}
+            )
+            if self._num_unscorable_in_a_row >= self.max_unscorable:
+                raise RuntimeError(
+                    f"{self._num_unscorable_in_a_row} trees in a row could not be scored (last: {error}); "
+                    "check the reward function and the prompt metadata (the trees are on the failures stream)"
+                ) from error
+            return None
+        self._num_unscorable_in_a_row = 0
+        return ScoredTree(item.entry_id, item.tree, scores, staleness)
+
+    def _report_rewards(self, scored: list[ScoredTree]) -> None:
+        """Write leaf rewards back so the service's tree viewer can colour leaves."""
+        if self.rewards_ttl_s is None or not scored:
+            return
+        pipe = self.stream.redis.pipeline(transaction=False)
+        for item in scored:
+            key = rewards_key(item.tree.tree_id, self.stream.prefix)
+            pipe.hset(key, mapping=dict(zip(item.scores.leaf_ids, item.rewards, strict=True)))
+            pipe.expire(key, self.rewards_ttl_s)
+        pipe.execute()
 
     def _passes_filter(self, scored: ScoredTree, counts: BatchCounts) -> bool:
         if not self.enable_filter:
