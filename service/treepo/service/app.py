@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI
+from starlette.routing import BaseRoute
 
 from treepo.service.api.errors import install_error_handlers
 from treepo.service.api.middleware import AuthMiddleware, BodyLimitMiddleware, MetricsMiddleware
@@ -53,9 +54,12 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
             await redis.aclose()
 
     app = FastAPI(title="TreePO rollout service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
-    for router in (rollout.router, weights.router, trees.router, health.router):
+    routers = (rollout.router, weights.router, trees.router, health.router)
+    for router in routers:
         app.include_router(router)
-    metrics = ServiceMetrics(routes=_route_methods(app))
+    # Routes with their full paths (FastAPI nests included routers), for bounded `route` label values.
+    flat_routes = [r for r in app.routes if hasattr(r, "path")] + [r for rt in routers for r in rt.routes]
+    metrics = ServiceMetrics(routes=_route_methods(flat_routes))
     app.state.settings, app.state.metrics = settings, metrics
     install_error_handlers(app)
     token = settings.api_token.get_secret_value() if settings.api_token else None
@@ -65,13 +69,13 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
         BodyLimitMiddleware, max_bytes=settings.max_request_bytes, metrics=metrics, overrides=overrides
     )
     app.add_middleware(AuthMiddleware, token=token, metrics=metrics)
-    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.router.routes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=flat_routes)
     return app
 
 
-def _route_methods(app: FastAPI) -> tuple[tuple[str, str], ...]:
+def _route_methods(routes: list[BaseRoute]) -> tuple[tuple[str, str], ...]:
     pairs = []
-    for route in app.routes:
+    for route in routes:
         for method in sorted(getattr(route, "methods", None) or ()):
             if method != "HEAD":
                 pairs.append((getattr(route, "path", ""), method))

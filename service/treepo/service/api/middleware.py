@@ -16,11 +16,14 @@ PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 def route_template(routes: list[BaseRoute], scope: Scope) -> str:
     """The matched route's path template (bounded label values), or 'unmatched'."""
+    partial = "unmatched"
     for route in routes:
         match, _ = route.matches(scope)
         if match is Match.FULL:
             return getattr(route, "path", "unmatched")
-    return "unmatched"
+        if match is Match.PARTIAL and partial == "unmatched":  # e.g. wrong method: 405 on a known path
+            partial = getattr(route, "path", "unmatched")
+    return partial
 
 
 async def send_json(send: Send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
