@@ -9,13 +9,30 @@ from openapi_spec_validator import validate
 
 from treepo.service.metrics import FINISH_REASONS, REJECT_REASONS
 
-METRIC_NAMES = """treepo_http_requests_total treepo_http_request_duration_seconds treepo_rollout_prompts_total
-treepo_trees_total treepo_trajectories_total treepo_decoded_tokens_total treepo_independent_tokens_total
-treepo_prefill_tokens_total treepo_cached_tokens_total treepo_engine_calls_total
-treepo_engine_batch_size_requests treepo_finish_reasons_total treepo_fallbacks_total
-treepo_tree_sampling_duration_seconds treepo_queue_depth_trees treepo_queue_oldest_age_seconds
-treepo_policy_version treepo_weight_update_duration_seconds treepo_weight_update_failures_total
-treepo_engine_errors_total treepo_rejected_requests_total treepo_inflight_trees""".split()
+METRIC_NAMES = [
+    "treepo_http_requests_total",
+    "treepo_http_request_duration_seconds",
+    "treepo_rollout_prompts_total",
+    "treepo_trees_total",
+    "treepo_trajectories_total",
+    "treepo_decoded_tokens_total",
+    "treepo_independent_tokens_total",
+    "treepo_prefill_tokens_total",
+    "treepo_cached_tokens_total",
+    "treepo_engine_calls_total",
+    "treepo_engine_batch_size_requests",
+    "treepo_finish_reasons_total",
+    "treepo_fallbacks_total",
+    "treepo_tree_sampling_duration_seconds",
+    "treepo_queue_depth_trees",
+    "treepo_queue_oldest_age_seconds",
+    "treepo_policy_version",
+    "treepo_weight_update_duration_seconds",
+    "treepo_weight_update_failures_total",
+    "treepo_engine_errors_total",
+    "treepo_rejected_requests_total",
+    "treepo_inflight_trees",
+]
 
 
 def _value(metrics: str, sample: str) -> float:

@@ -1,4 +1,4 @@
-"""Bad input and overload: 422 with field locations, 413, 429 + Retry-After, 503 + Retry-After, failure records."""
+"""Bad input and overload: 422 with field locations, 413, 429 and 503 with Retry-After, failure records."""
 
 from __future__ import annotations
 
