@@ -89,12 +89,13 @@ class TrainConfig:
     checkpoint_every: int = _help("Checkpoint (and then XACK) every k steps.", 50)
     push_every: int = _help("Push weights to the service every k steps (0 = never).", 1)
     keep_checkpoints: int = _help("Checkpoints kept on disk.", 2)
+    claim_idle_s: float = _help("Take over trees a dead consumer held this long (XAUTOCLAIM).", 600.0)
     metrics_port: int | None = _help("Serve Prometheus trainer metrics on this port.", None)
 
     def __post_init__(self) -> None:
         positive = (
-            "steps lr ppo_epochs mini_batch_prompts micro_batch_rows prompts_per_step width branch "
-            "segment_tokens max_depth inflight_batches checkpoint_every keep_checkpoints"
+            "steps lr claim_idle_s ppo_epochs mini_batch_prompts micro_batch_rows prompts_per_step width "
+            "branch segment_tokens max_depth inflight_batches checkpoint_every keep_checkpoints"
         )
         for name in positive.split():
             if getattr(self, name) <= 0:

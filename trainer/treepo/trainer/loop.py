@@ -1,0 +1,219 @@
+"""The training loop of `treepo train`: feed prompts, pull scored trees, step, push weights, checkpoint, ack.
+
+Order per step (why): 1) assemble a batch from the queue (the feeder keeps sampling meanwhile);
+2) one training step; 3) push the new weights so sampling moves on at once; 4) every `checkpoint_every`
+steps save a checkpoint, and only then XACK (+ ledger) the trees the checkpointed steps used. A crash
+before 4) redelivers those trees to the resumed run, whose weights predate them: each is trained once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from treepo.client.client import TreePOClient
+from treepo.client.schema import SamplingParams, TreeParams
+from treepo.client.stream import TreeStream
+from treepo.service.task import iter_problems
+from treepo.trainer.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from treepo.trainer.config import TrainConfig
+from treepo.trainer.consumer import Batch, BatchCounts, TreeConsumer
+from treepo.trainer.feeder import Feeder, FeedRequest, StreamProgress
+from treepo.trainer.metrics import MetricsLog, TrainerMetrics
+from treepo.trainer.policy import Policy
+from treepo.trainer.rewards import OverlongPenalty, RewardFn, load_reward
+from treepo.trainer.trainer import Trainer, batch_metrics, rows_from_tree
+from treepo.trainer.weights import WeightPusher
+
+logger = logging.getLogger(__name__)
+
+StepCallback = Callable[[dict[str, Any]], None]
+
+
+def tree_params(config: TrainConfig) -> TreeParams:
+    """The feeder's tree shape; `sequential` = `width` independent chains (no shared prefix)."""
+    if config.sampling_mode == "sequential":
+        return TreeParams(width=config.width, init_branch=config.width, branch=1,
+                          segment_tokens=config.segment_tokens, max_depth=config.max_depth)  # fmt: skip
+    return TreeParams(width=config.width, branch=config.branch, init_branch=config.branch,
+                      segment_tokens=config.segment_tokens, max_depth=config.max_depth)  # fmt: skip
+
+
+@dataclass(slots=True)
+class TrainingRun:
+    """Everything one `treepo train` process holds; `run()` trains up to `config.steps`."""
+
+    config: TrainConfig
+    policy: Policy
+    trainer: Trainer
+    client: TreePOClient
+    consumer: TreeConsumer
+    feeder: Feeder
+    pusher: WeightPusher
+    log: MetricsLog
+    prometheus: TrainerMetrics
+    reward_fn: RewardFn
+    state: TrainerState = field(default_factory=TrainerState)
+    stall_timeout_s: float = 600.0
+
+    def run(self, on_step: StepCallback | None = None) -> TrainerState:
+        self.feeder.start()
+        try:
+            while self.state.step < self.config.steps:
+                record = self.step()
+                if on_step is not None:
+                    on_step(record)
+        finally:
+            self.feeder.stop()
+        return self.state
+
+    def step(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        batch = self._assemble()
+        waited = time.perf_counter() - started
+        rows = [row for t in batch.trees for row in rows_from_tree(t.tree, t.rewards, t.is_correct)]
+        record = {"step": self.state.step + 1, **self.trainer.step(rows), **batch_metrics(rows)}
+        self.state.step += 1
+        self.state.policy_version += 1  # monotonic even across resumes (the service refuses going back)
+        self.state.entry_ids += batch.entry_ids
+        self.state.tree_ids += batch.tree_ids
+        record["weight_push_s"] = self._maybe_push()
+        record["checkpoint_s"] = self._maybe_checkpoint()
+        record.update(_batch_record(batch, waited, time.perf_counter() - started, self.state.policy_version))
+        self.log.append(record)
+        self.prometheus.observe_step(record)
+        return record
+
+    def _assemble(self) -> Batch:
+        """Wait for a full batch, failing loudly if the feeder died or nothing arrives for too long."""
+        batch = Batch([], BatchCounts(), is_full=False)
+        last_progress = time.monotonic()
+        while len(batch.trees) < self.config.prompts_per_step:
+            self.feeder.check()
+            more = self.consumer.assemble_batch(
+                self.config.prompts_per_step - len(batch.trees), self.reward_fn,
+                current_version=self.state.policy_version, timeout_s=2.0,
+            )  # fmt: skip
+            batch.trees += more.trees
+            batch.counts.add(more.counts)
+            if more.counts.num_read:
+                last_progress = time.monotonic()
+            elif time.monotonic() - last_progress > self.stall_timeout_s:
+                raise RuntimeError(
+                    f"no tree arrived for {self.stall_timeout_s:.0f}s; is the service sampling?"
+                )
+        return batch
+
+    def _maybe_push(self) -> float | None:
+        every = self.config.push_every
+        if every == 0 or self.state.step % every:
+            return None
+        return self.pusher.push(self.policy.model, self.state.policy_version).total_s
+
+    def _maybe_checkpoint(self) -> float | None:
+        is_last = self.state.step >= self.config.steps
+        if self.state.step % self.config.checkpoint_every and not is_last:
+            return None
+        started = time.perf_counter()
+        root = Path(self.config.output_dir) / "checkpoints"
+        save_checkpoint(root, self.policy.model, self.trainer.optimizer, self.trainer.scheduler, self.state,
+                        keep=self.config.keep_checkpoints)  # fmt: skip
+        self.consumer.commit(self.state.entry_ids, self.state.tree_ids)  # XACK only now
+        self.state.entry_ids, self.state.tree_ids = [], []
+        return time.perf_counter() - started
+
+
+def _batch_record(batch: Batch, waited_s: float, step_s: float, version: int) -> dict[str, Any]:
+    counts = batch.counts
+    stats = [t.tree.stats for t in batch.trees]
+    return {
+        "policy_version": version,
+        "wait_s": waited_s,
+        "step_s": step_s,
+        "trees_consumed": counts.num_read,
+        "filtered_prompts": counts.num_filtered,
+        "all_correct_prompts": counts.num_all_correct,
+        "all_wrong_prompts": counts.num_all_wrong,
+        "stale_trees": counts.num_stale,
+        "duplicate_trees": counts.num_duplicates,
+        "staleness_mean": batch.mean_staleness(),
+        "decoded_tokens": sum(s.decoded_tokens for s in stats),
+        "independent_tokens": sum(s.independent_tokens for s in stats),
+        "sampling_s_mean": sum(s.wall_s for s in stats) / max(1, len(stats)),
+        "time": time.time(),
+    }
+
+
+def build_run(config: TrainConfig, *, resume: bool = False, log_every_push: bool = True) -> TrainingRun:
+    """Load the policy (and the latest checkpoint with `resume`), connect to the service and Redis."""
+    torch.manual_seed(config.seed)
+    policy = Policy.from_pretrained(config.model_path or _default_model(), device=config.device)
+    trainer = Trainer(policy, config)
+    client = TreePOClient(config.service_url, token=config.api_token)
+    claim_idle_ms = max(1, int(config.claim_idle_s * 1000))
+    stream = TreeStream(config.redis_url, config.group, config.consumer, config.key_prefix, block_ms=500,
+                        claim_idle_ms=claim_idle_ms)  # fmt: skip
+    stream.ensure_group()
+    overlong = (
+        OverlongPenalty(config.max_new_tokens, config.overlong_buffer, config.overlong_factor)
+        if config.overlong_buffer > 0
+        else None
+    )
+    consumer = TreeConsumer(stream, max_staleness=config.max_staleness, overlong=overlong)
+    pusher = WeightPusher(client, config.weights_dir or Path(config.output_dir) / "weights")
+    state = _restore(config, trainer, consumer) if resume else TrainerState()
+    _sync_service_version(client, pusher, policy, state, resumed=resume)
+    feeder = _build_feeder(config, client, state)
+    prometheus = TrainerMetrics()
+    if config.metrics_port is not None:
+        prometheus.serve(config.metrics_port)
+    log = MetricsLog(Path(config.output_dir) / "metrics.jsonl")
+    return TrainingRun(config, policy, trainer, client, consumer, feeder, pusher, log, prometheus,
+                       load_reward(config.reward), state)  # fmt: skip
+
+
+def _default_model() -> str:
+    from treepo.service.tinymodel import default_model_path
+
+    return str(default_model_path())
+
+
+def _restore(config: TrainConfig, trainer: Trainer, consumer: TreeConsumer) -> TrainerState:
+    path = latest_checkpoint(Path(config.output_dir) / "checkpoints")
+    if path is None:
+        raise ValueError(
+            f"--resume: no checkpoint under {config.output_dir}/checkpoints; start without --resume"
+        )
+    state = load_checkpoint(path, trainer.policy.model, trainer.optimizer, trainer.scheduler)
+    consumer.commit(state.entry_ids, state.tree_ids)  # a crash may have come between checkpoint and XACK
+    state.entry_ids, state.tree_ids = [], []
+    return state
+
+
+def _sync_service_version(
+    client: TreePOClient, pusher: WeightPusher, policy: Policy, state: TrainerState, *, resumed: bool
+) -> None:
+    """Make the service sample our weights: a fresh run on a fresh service shares the base model (version
+    0); otherwise push ours under a version above both the service's and the checkpoint's."""
+    served = client.weights().policy_version
+    if not resumed and served == 0:
+        return
+    state.policy_version = max(served, state.policy_version) + 1
+    pusher.push(policy.model, state.policy_version)
+
+
+def _build_feeder(config: TrainConfig, client: TreePOClient, state: TrainerState) -> Feeder:
+    sampling = SamplingParams(temperature=config.temperature, max_new_tokens=config.max_new_tokens)
+    request = FeedRequest(tree_params(config), sampling, prompts_per_request=min(8, config.prompts_per_step),
+                          seed=config.seed * 7919 + state.step)  # fmt: skip
+    problems = iter_problems("train", seed=config.seed * 7919 + state.step)
+    progress = StreamProgress(config.redis_url, config.key_prefix, config.group)
+    target = config.inflight_batches * config.prompts_per_step
+    return Feeder(TreePOClient(config.service_url, token=config.api_token), problems, request, progress,
+                  target=target)  # fmt: skip
