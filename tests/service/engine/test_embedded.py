@@ -229,3 +229,16 @@ async def test_batches_run_one_at_a_time_and_chunk_by_max_batch_size(tiny_model_
 def test_rejects_a_path_without_a_model(tmp_path):
     with pytest.raises(ValueError, match=r"config\.json"):
         EmbeddedEngine(tmp_path)
+
+
+async def test_a_prefix_shared_within_one_call_is_computed_once(engine, reference_model):
+    prefix = list(range(3, 33))  # 30 tokens, not cached yet
+    batch = [[*prefix, 40 + i] for i in range(4)] + [prefix, [50, 51]]
+    before = engine.num_computed_tokens
+    outs = await engine.generate([greedy(p, 3) for p in batch])
+    prefill = sum(o.prefill_tokens for o in outs)
+    assert prefill == len(prefix) + 4 + 1 + 2  # the prefix once, then each row's own last tokens
+    assert sum(o.cached_tokens for o in outs) + prefill == sum(len(p) for p in batch)
+    decoded = sum(len(o.output_ids) - 1 for o in outs)  # the last sampled token is never fed back
+    assert engine.num_computed_tokens - before == prefill + decoded
+    assert [o.output_ids for o in outs] == [hf_greedy(reference_model, p, 3) for p in batch]

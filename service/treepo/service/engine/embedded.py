@@ -23,8 +23,9 @@ import torch
 
 from treepo.service.engine.kv_pool import KVPool
 from treepo.service.engine.model_runner import ModelRunner, RowInput, RowKV
+from treepo.service.engine.prefix_groups import shared_prefixes
 from treepo.service.engine.protocol import EngineRequestError, GenerateOutput, GenerateRequest
-from treepo.service.engine.radix_cache import RadixCache
+from treepo.service.engine.radix_cache import RadixCache, TreeNode
 from treepo.service.engine.token_sampling import SamplingBatch
 from treepo.service.engine.weights import load_weights, read_state_dict
 
@@ -59,6 +60,7 @@ class EmbeddedEngine:
         self.model = _load_model(model_path, device, dtype)
         self.device = torch.device(device)
         self.max_batch_size = max_batch_size
+        self.min_shared_prefix_tokens = 4  # shorter shared uncached prefixes are not worth a separate pass
         config = self.model.config.get_text_config(decoder=True)
         self.vocab_size = int(config.vocab_size)
         self._max_context = int(getattr(config, "max_position_embeddings", 0) or 1_000_000)
@@ -132,9 +134,12 @@ class EmbeddedEngine:
     # Internal helpers
 
     def _run_chunk(self, requests: list[GenerateRequest]) -> list[GenerateOutput]:
+        computed_for, shared_locks = self._prefill_shared_prefixes(requests)
         matches = [self.radix.match_prefix(request.input_ids) for request in requests]
         for match in matches:
             self.radix.inc_lock_ref(match.last_node)
+        for node in shared_locks:
+            self.radix.dec_lock_ref(node)
         try:
             rows = [
                 RowInput(
@@ -150,8 +155,9 @@ class EmbeddedEngine:
             for match in matches:
                 self.radix.dec_lock_ref(match.last_node)
         outputs = []
-        for row, result in zip(rows, results, strict=True):
-            cached = int(row.cached_slots.numel())
+        for i, (row, result) in enumerate(zip(rows, results, strict=True)):
+            # tokens computed for the call's shared prefixes are accounted to one request of each group
+            cached = max(0, int(row.cached_slots.numel()) - computed_for.get(i, 0))
             outputs.append(
                 GenerateOutput(
                     output_ids=result.output_ids,
@@ -164,6 +170,36 @@ class EmbeddedEngine:
             )
             self._count(outputs[-1])
         return outputs
+
+    def _prefill_shared_prefixes(
+        self, requests: list[GenerateRequest]
+    ) -> tuple[dict[int, int], list[TreeNode]]:
+        """Compute once the uncached prefixes requests share; returns (tokens per owner, locked nodes)."""
+        inputs = [list(request.input_ids) for request in requests]
+        cached = [min(self.radix.match_prefix(ids).length, len(ids) - 1) for ids in inputs]
+        groups = shared_prefixes(inputs, cached, min_tokens=self.min_shared_prefix_tokens)
+        if not groups:
+            return {}, []
+        matches = [self.radix.match_prefix(group.token_ids) for group in groups]
+        rows = [
+            RowInput(group.token_ids, match.indices[: len(group.token_ids) - 1], 1, frozenset())
+            for group, match in zip(groups, matches, strict=True)
+        ]
+        for match in matches:
+            self.radix.inc_lock_ref(match.last_node)
+        try:
+            self.runner.prefill(rows, lambda _, ids, kv: self._store(ids, kv))
+        finally:
+            for match in matches:
+                self.radix.dec_lock_ref(match.last_node)
+        locked = [self.radix.match_prefix(group.token_ids).last_node for group in groups]
+        for node in locked:  # keep them until the batch has locked its own matches
+            self.radix.inc_lock_ref(node)
+        computed = {
+            group.owner: len(row.input_ids) - int(row.cached_slots.numel())
+            for group, row in zip(groups, rows, strict=True)
+        }
+        return computed, locked
 
     def _store(self, token_ids: list[int], kv: RowKV) -> None:
         """Insert a finished row's sequence into the radix tree, writing only KV the tree lacks."""

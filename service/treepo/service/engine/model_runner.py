@@ -104,7 +104,9 @@ class ModelRunner:
     ) -> list[RowResult]:
         """Decode every row to a stop token or its max_new_tokens; KV of each row goes to `on_finish`."""
         results = [RowResult() for _ in rows]
-        batch, logits = self._prefill(rows, sampling)
+        cache, mask, logits = self._prefill(rows)
+        positions = torch.tensor([len(row.input_ids) for row in rows], dtype=torch.int64, device=self.device)
+        batch = _Batch(list(range(len(rows))), cache, mask, positions, sampling)
         while True:
             tokens, logprobs = sample_next(logits, batch.sampling)
             keep = self._record(rows, batch, results, tokens.tolist(), logprobs.tolist(), on_finish)
@@ -115,9 +117,17 @@ class ModelRunner:
                 tokens = tokens[torch.tensor(keep, device=tokens.device)]
             logits = self._decode_step(batch, tokens)
 
+    @torch.inference_mode()
+    def prefill(self, rows: list[RowInput], on_finish: FinishCallback) -> None:
+        """Compute the KV of every row's whole input (no decoding) and hand it to `on_finish`."""
+        cache, mask, _ = self._prefill(rows)
+        for i, row in enumerate(rows):
+            on_finish(i, row.input_ids, RowKV(cache, i, mask[i].nonzero().squeeze(1)))
+
     # Internal helpers
 
-    def _prefill(self, rows: list[RowInput], sampling: SamplingBatch) -> tuple[_Batch, torch.Tensor]:
+    def _prefill(self, rows: list[RowInput]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """Gather cached prefixes, run the suffixes; returns (cache, mask (B, T), last logits (B, V))."""
         cached = [int(row.cached_slots.numel()) for row in rows]
         suffixes = [row.input_ids[c:] for row, c in zip(rows, cached, strict=True)]
         batch_size, prefix_len, suffix_len = len(rows), max(cached), max(len(s) for s in suffixes)
@@ -136,8 +146,7 @@ class ModelRunner:
         mask = mask.to(self.device)
         logits = self._forward(input_ids, mask, position_ids, cache, logits_to_keep=1)
         self.num_computed_tokens += sum(len(s) for s in suffixes)
-        positions = torch.tensor([len(row.input_ids) for row in rows], dtype=torch.int64, device=self.device)
-        return _Batch(list(range(batch_size)), cache, mask, positions, sampling), logits
+        return cache, mask, logits
 
     def _gathered_cache(self, slot_grid: torch.Tensor) -> DynamicCache:
         keys, values = self.pool.gather(slot_grid)  # (L, B, H, P, D) each
