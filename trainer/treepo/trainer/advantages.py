@@ -42,8 +42,9 @@ def tree_advantages(
     num_levels = max(len(path) for path in paths) - 1  # D, batch-global (harmless, §2.2)
     numerator = torch.zeros_like(reward_values)
     denominator = torch.zeros_like(reward_values)
+    group_ids = torch.zeros(len(paths), dtype=torch.long)
     for depth in range(num_levels):
-        group_ids = _group_ids([tuple(path[: depth + 1]) for path in paths])
+        group_ids = _child_group_ids(paths, group_ids, depth)  # G_i(depth): same path[: depth + 1]
         mean, count, is_constant = _group_stats(reward_values, group_ids)
         # TreePO Eq. 5: A_ij = R_i - mean(R[G_j]); a singleton group's mean is 0 (release).
         term = reward_values - torch.where(count > 1, mean, torch.zeros_like(mean))
@@ -163,6 +164,22 @@ def _group_ids(keys: Sequence[Hashable]) -> Tensor:
     """Dense group index per element, in order of first appearance."""
     index: dict[Hashable, int] = {}
     return torch.tensor([index.setdefault(key, len(index)) for key in keys], dtype=torch.long)
+
+
+def _child_group_ids(paths: Sequence[Sequence[str]], parent_ids: Tensor, depth: int) -> Tensor:
+    """Group ids at `depth` from those at depth - 1: same parent group and same node at `depth`.
+
+    A path shorter than depth + 1 stays its whole self, a group of its own (leaf paths are unique).
+    """
+    index: dict[tuple[int, str | None], int] = {}
+    parents = parent_ids.tolist()
+    return torch.tensor(
+        [
+            index.setdefault((parent, path[depth] if depth < len(path) else None), len(index))
+            for parent, path in zip(parents, paths, strict=True)
+        ],
+        dtype=torch.long,
+    )
 
 
 def _group_stats(values: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
