@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import typer
 
+from treepo.service.sampler.bench import bench_sampling
+
 app = typer.Typer(help="TreePO rollout-as-a-service.", no_args_is_help=True, pretty_exceptions_show_locals=False)
 bench = typer.Typer(help="Benchmarks (ratios measured in one run; print JSON with --json).", no_args_is_help=True)
 app.add_typer(bench, name="bench")
 
 # Each command lives beside the code it drives and is registered here.
 # (registrations are appended below as the pieces land)
+bench.command("sampling")(bench_sampling)

@@ -1,0 +1,212 @@
+"""`treepo bench sampling`: tree vs sequential sampling on the same prompts, model and engine, in one process.
+
+Prints one JSON object (`--json`) or rich tables: the default shape for both schedules, then a table of
+depth x segment shapes (equal budget d*l) with TrajPS and TokenPS ratios, like the paper's Figures 4-5.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import platform
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from treepo.client.schema import SamplingParams, TreeParams
+from treepo.service.sampler.bench_run import RunStats, ratios, run_mode
+
+logger = logging.getLogger(__name__)
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """'4x16,8x8' -> [(4, 16), (8, 8)] as (depth, segment)."""
+    shapes = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            depth, segment = (int(x) for x in part.lower().split("x"))
+        except ValueError:
+            raise typer.BadParameter(f"shape {part!r} is not DEPTHxSEGMENT, e.g. 4x16") from None
+        if depth < 1 or segment < 1:
+            raise typer.BadParameter(f"shape {part!r} needs depth >= 1 and segment >= 1")
+        shapes.append((depth, segment))
+    return shapes
+
+
+def bench_sampling(
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    model: Annotated[str, typer.Option(help="Local HF model dir; 'random' = random-init tiny shape.")] = "",
+    prompts: Annotated[int, typer.Option(min=1, help="Prompts sampled concurrently.")] = 8,
+    width: Annotated[int, typer.Option(min=1, help="w: trajectories per prompt.")] = 16,
+    segment: Annotated[int, typer.Option(min=1, help="l: tokens per segment (default shape).")] = 16,
+    depth: Annotated[int, typer.Option(min=1, help="d: segments per trajectory (default shape).")] = 4,
+    shapes: Annotated[
+        str, typer.Option(help="DEPTHxSEGMENT list for the table ('' = none).")
+    ] = "2x32,4x16,8x8",
+    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of prompts and samples.")] = 0,
+    device: Annotated[str, typer.Option(help="torch device of the embedded engine.")] = "cpu",
+    threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0 = torch default).")] = 0,
+) -> None:
+    """Tree vs sequential sampling: trajectories/s, tokens/s, decoded tokens, prefix cache, peak KV."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    table = parse_shapes(shapes)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_path = _resolve_model(model, Path(tmp), seed)
+        result = asyncio.run(
+            _measure(model_path, prompts, width, segment, depth, table, temperature, seed, device)
+        )
+    result["config"]["model"] = model or "tiny-arith (shipped)"
+    if json_output:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_tables(result)
+
+
+async def _measure(
+    model_path: Path,
+    num_prompts: int,
+    width: int,
+    segment: int,
+    depth: int,
+    table: list[tuple[int, int]],
+    temperature: float,
+    seed: int,
+    device: str,
+) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from treepo.service.engine.embedded import EmbeddedEngine
+    from treepo.service.task import generate_problems
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    prompt_ids = [tokenizer.encode(p.prompt) for p in generate_problems("test", num_prompts, seed=seed)]
+    longest = max(map(len, prompt_ids)) + max([segment * depth] + [d * s for d, s in table])
+    engine = EmbeddedEngine(
+        model_path,
+        device=device,
+        max_cache_tokens=num_prompts * width * longest,
+        max_batch_size=num_prompts * width,
+    )
+    config = engine.model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_bytes = (
+        2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * engine.model.dtype.itemsize
+    )
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    async def run(d: int, s: int, schedule: str, sequential: bool) -> RunStats:
+        tree = TreeParams(width=width, segment_tokens=s, max_depth=d, schedule=schedule)
+        sampling = SamplingParams(temperature=temperature)
+        return await run_mode(
+            engine,
+            decode,
+            prompt_ids,
+            tree,
+            sampling,
+            sequential=sequential,
+            seed=seed,
+            kv_bytes_per_token=kv_bytes,
+        )
+
+    await run(depth, segment, "sync", False)  # warm-up (allocator, kernels)
+    seq, sync, async_ = (
+        await run(depth, segment, "sync", True),
+        await run(depth, segment, "sync", False),
+        None,
+    )
+    async_ = await run(depth, segment, "async", False)
+    rows = []
+    for d, s in table:
+        base = await run(d, s, "sync", True)
+        for schedule in ("sync", "async"):
+            stats = await run(d, s, schedule, False)
+            rows.append({"depth": d, "segment": s, "schedule": schedule, **ratios(stats, base)})
+    return {
+        "config": {
+            "prompts": num_prompts,
+            "width": width,
+            "segment": segment,
+            "depth": depth,
+            "temperature": temperature,
+            "seed": seed,
+            "device": device,
+            "threads": _threads(),
+            "machine": platform.machine(),
+            "kv_bytes_per_token": kv_bytes,
+        },
+        "tree": sync.to_dict(),
+        "sequential": seq.to_dict(),
+        "tree_async": async_.to_dict(),
+        "ratios": ratios(sync, seq),
+        "ratios_async": ratios(async_, seq),
+        "shapes": rows,
+    }
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _resolve_model(model: str, tmp: Path, seed: int) -> Path:
+    """The shipped tiny model by default; 'random' builds a random-init model of the same shape in `tmp`."""
+    from treepo.service.tinymodel import build_model, build_tokenizer, default_model_path
+
+    if model == "random":
+        from treepo.service.task import generate_problems
+
+        corpus = [p.prompt + p.solution for p in generate_problems("train", 200, seed=seed)]
+        tokenizer = build_tokenizer(corpus)
+        build_model(tokenizer, seed).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        return tmp
+    path = Path(model) if model else default_model_path()
+    if not (path / "config.json").is_file():
+        raise typer.BadParameter(
+            f"no model at {path}; train one with `treepo init-model`, pass --model PATH, or --model random"
+        )
+    return path
+
+
+def _print_tables(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"config: {result['config']}")
+    runs = Table(title="default shape")
+    keys = ["trajectories", "decoded_tokens", "prefill_tokens", "cached_tokens", "wall_s", "traj_per_s",
+            "tokens_per_s", "peak_concurrent_sequences", "peak_kv_tokens", "engine_calls"]  # fmt: skip
+    runs.add_column("run")
+    for key in keys:
+        runs.add_column(key, justify="right")
+    for name in ("sequential", "tree", "tree_async"):
+        runs.add_row(name, *(_fmt(result[name][key]) for key in keys))
+    console.print(runs)
+    console.print(f"ratios tree/sequential: {_fmt_dict(result['ratios'])}")
+    console.print(f"ratios async tree/sequential: {_fmt_dict(result['ratios_async'])}")
+    shapes = Table(title="shapes (tree / sequential)")
+    for column in ("depth x segment", "schedule", "TrajPS", "TokenPS", "decoded", "efficiency"):
+        shapes.add_column(column, justify="right")
+    for row in result["shapes"]:
+        values = (_fmt(row[k]) for k in ("traj_per_s", "tokens_per_s", "decoded_tokens", "efficiency"))
+        shapes.add_row(f"{row['depth']}x{row['segment']}", row["schedule"], *values)
+    console.print(shapes)
+
+
+def _fmt(value: float | int) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _fmt_dict(values: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.3f}" for k, v in values.items())
