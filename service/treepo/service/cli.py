@@ -16,3 +16,11 @@ app.add_typer(bench, name="bench")
 # Each command lives beside the code it drives and is registered here.
 # (registrations are appended below as the pieces land)
 bench.command("sampling")(bench_sampling)
+try:  # the trainer's commands, when treepo-trainer is installed beside the service
+    from treepo.trainer.cli import bench_train, demo, train
+except ImportError:  # pragma: no cover - service-only installs
+    pass
+else:
+    app.command("train")(train)
+    app.command("demo")(demo)
+    bench.command("train")(bench_train)
