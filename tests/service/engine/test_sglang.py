@@ -17,7 +17,8 @@ from treepo.service.engine.protocol import (
     EngineUnavailable,
     GenerateRequest,
 )
-from treepo.service.engine.sglang import SGLangEngine, WeightUpdateError, _parse_item
+from treepo.service.engine.sglang import SGLangEngine, WeightUpdateError
+from treepo.service.engine.sglang_wire import parse_item
 
 VOCAB = 40
 
@@ -291,7 +292,7 @@ async def test_unreachable_and_unhealthy_workers() -> None:
     ],
 )  # fmt: skip
 def test_parse_item_versions(item, ids, logprobs, finish) -> None:
-    piece = _parse_item(item)
+    piece = parse_item(item)
     assert (piece.output_ids, piece.logprobs, piece.finish) == (ids, logprobs, finish)
 
 
@@ -307,4 +308,4 @@ def test_parse_item_versions(item, ids, logprobs, finish) -> None:
 )  # fmt: skip
 def test_parse_item_rejects_malformed(item, error, message) -> None:
     with pytest.raises(error, match=message):
-        _parse_item(item)
+        parse_item(item)

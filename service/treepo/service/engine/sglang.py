@@ -8,11 +8,9 @@ has no weight API), `GET /health`. Wire facts: shared/SGLANG.md §1-§5.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +23,17 @@ from treepo.service.engine.protocol import (
     GenerateOutput,
     GenerateRequest,
 )
+from treepo.service.engine.sglang_wire import (
+    PendingRequest,
+    Piece,
+    check_urls,
+    generate_item,
+    json_or_text,
+    parse_item,
+    raise_for_status,
+    read_model_limits,
+    warmup_item,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,50 +45,6 @@ class WeightUpdateError(EngineError):
     """At least one worker refused or failed the weight update (its message says why)."""
 
     reason = "weight_update"
-
-
-@dataclass(slots=True)
-class _Piece:
-    """What one /generate item returned."""
-
-    output_ids: list[int]
-    logprobs: list[float]
-    finish: Literal["stop", "length", "abort"]
-    cached_tokens: int
-    prompt_tokens: int
-    weight_version: int | None
-
-
-@dataclass(slots=True)
-class _Pending:
-    """One request across abort resubmissions: tokens received so far are kept and resent as input."""
-
-    request: GenerateRequest
-    max_new_tokens: int
-    output_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    cached_tokens: int = 0
-    prefill_tokens: int = 0
-    versions: list[int] = field(default_factory=list)
-    finish: Literal["stop", "length"] | None = None
-    num_aborts: int = 0
-
-    def next_input(self) -> tuple[list[int], int]:
-        return self.request.input_ids + self.output_ids, self.max_new_tokens - len(self.output_ids)
-
-    def absorb(self, piece: _Piece) -> None:
-        self.output_ids += piece.output_ids
-        self.logprobs += piece.logprobs
-        self.cached_tokens += piece.cached_tokens
-        self.prefill_tokens += max(piece.prompt_tokens - piece.cached_tokens, 0)
-        if piece.weight_version is not None:
-            self.versions.append(piece.weight_version)
-        if piece.finish != "abort":
-            self.finish = piece.finish
-        elif len(self.output_ids) >= self.max_new_tokens:
-            self.finish = "length"  # aborted exactly at the budget: nothing left to resume
-        else:
-            self.num_aborts += 1
 
 
 class SGLangEngine:
@@ -118,9 +83,9 @@ class SGLangEngine:
         pause_for_update: bool = False,
         use_health_generate: bool = False,
     ) -> None:
-        self.base_urls = _check_urls(base_urls)
+        self.base_urls = check_urls(base_urls)
         if eos_token_ids is None or max_context is None:
-            config_eos, config_context = _read_model_limits(model_path)
+            config_eos, config_context = read_model_limits(model_path)
             eos_token_ids = config_eos if eos_token_ids is None else eos_token_ids
             max_context = config_context if max_context is None else max_context
         if not eos_token_ids or min(eos_token_ids) < 0:
@@ -238,16 +203,18 @@ class SGLangEngine:
     async def _generate_on(self, worker: int, requests: list[GenerateRequest]) -> list[GenerateOutput]:
         warmups = await self._prefill_shared(worker, requests) if self.prefill_first else {}
         budget = [min(r.max_new_tokens, self._max_context - len(r.input_ids)) for r in requests]
-        pending = [_Pending(r, n) for r, n in zip(requests, budget, strict=True)]
+        pending = [PendingRequest(r, n) for r, n in zip(requests, budget, strict=True)]
         for _ in range(self.max_abort_retries + 1):
             todo = [p for p in pending if p.finish is None]
             if not todo:
                 break
             if any(p.num_aborts for p in todo):
                 logger.warning("resubmitting %d aborted SGLang requests with their tokens so far", len(todo))
-            items = await self._post_generate(worker, [_item(p) for p in todo])
+            items = await self._post_generate(
+                worker, [generate_item(p.request, *p.next_input()) for p in todo]
+            )
             for entry, item in zip(todo, items, strict=True):
-                entry.absorb(_parse_item(item))
+                entry.absorb(parse_item(item))
         if any(p.finish is None for p in pending):
             raise EngineError(
                 f"SGLang worker {self.base_urls[worker]} aborted a request "
@@ -255,7 +222,7 @@ class SGLangEngine:
             )
         return [self._finish(worker, p, warmups.pop(tuple(p.request.input_ids), None)) for p in pending]
 
-    async def _prefill_shared(self, worker: int, requests: list[GenerateRequest]) -> dict[tuple, _Piece]:
+    async def _prefill_shared(self, worker: int, requests: list[GenerateRequest]) -> dict[tuple, Piece]:
         """Warm each input that several requests share and the worker is not known to hold yet."""
         counts: dict[tuple[int, ...], int] = {}
         for request in requests:
@@ -266,10 +233,10 @@ class SGLangEngine:
         if not shared:
             return {}
         self.num_warmup_requests += len(shared)
-        items = await self._post_generate(worker, [_warmup_item(list(key), self._eos) for key in shared])
-        return {key: _parse_item(item) for key, item in zip(shared, items, strict=True)}
+        items = await self._post_generate(worker, [warmup_item(list(key), self._eos) for key in shared])
+        return {key: parse_item(item) for key, item in zip(shared, items, strict=True)}
 
-    def _finish(self, worker: int, pending: _Pending, warmup: _Piece | None) -> GenerateOutput:
+    def _finish(self, worker: int, pending: PendingRequest, warmup: Piece | None) -> GenerateOutput:
         extra: dict[str, Any] = {"worker": self.base_urls[worker]}
         prefill, cached = pending.prefill_tokens, pending.cached_tokens
         if warmup is not None:  # the shared prefill is paid once: booked on the first copy
@@ -306,7 +273,7 @@ class SGLangEngine:
             "stream": False,
         }
         response = await self._request("POST", worker, "/generate", body)
-        _raise_for_status(response, self.base_urls[worker])
+        raise_for_status(response, self.base_urls[worker])
         payload = response.json()
         if isinstance(payload, dict):
             payload = [payload]
@@ -318,7 +285,7 @@ class SGLangEngine:
 
     async def _update_worker(self, worker: int, path: str, version: int) -> None:
         if self.pause_for_update:
-            _raise_for_status(await self._admin_post(worker, "/pause_generation", {"mode": "abort"}), "")
+            raise_for_status(await self._admin_post(worker, "/pause_generation", {"mode": "abort"}), "")
         try:
             body = {"model_path": path, "weight_version": str(version), "flush_cache": True}
             response = await self._admin_post(worker, "/update_weights_from_disk", body)
@@ -326,8 +293,8 @@ class SGLangEngine:
             if self.pause_for_update:
                 await self._admin_post(worker, "/continue_generation", {})
         if response.status_code not in (200, 400):
-            _raise_for_status(response, self.base_urls[worker])
-        answer = _json_or_text(response)
+            raise_for_status(response, self.base_urls[worker])
+        answer = json_or_text(response)
         if not (isinstance(answer, dict) and answer.get("success")):
             message = answer.get("message", answer) if isinstance(answer, dict) else answer
             raise WeightUpdateError(f"HTTP {response.status_code}: {message}")
@@ -346,113 +313,3 @@ class SGLangEngine:
             return await self._client.request(method, url, json=body, headers=headers or self._headers)
         except httpx.TransportError as exc:
             raise EngineUnavailable(f"SGLang worker {url} unreachable: {type(exc).__name__}: {exc}") from exc
-
-
-def _item(pending: _Pending) -> dict[str, Any]:
-    input_ids, max_new_tokens = pending.next_input()
-    request = pending.request
-    params: dict[str, Any] = {
-        "max_new_tokens": max_new_tokens,
-        "temperature": request.temperature,
-        "top_p": request.top_p,
-        "top_k": request.top_k,
-        "stop_token_ids": list(request.stop_token_ids),
-    }
-    if request.seed is not None:
-        params["sampling_seed"] = request.seed  # honoured with --enable-deterministic-inference (§1.2)
-    return {"input_ids": input_ids, "sampling_params": params}
-
-
-def _warmup_item(input_ids: list[int], eos: tuple[int, ...]) -> dict[str, Any]:
-    return {"input_ids": input_ids, "sampling_params": {"max_new_tokens": 0, "stop_token_ids": list(eos)}}
-
-
-def _parse_item(item: dict[str, Any]) -> _Piece:
-    """One response object (§1.3): output_ids (or logprob token ids, or old `token_ids`), meta_info."""
-    meta = item.get("meta_info") or {}
-    token_logprobs = meta.get("output_token_logprobs") or []
-    output_ids = item.get("output_ids")
-    if output_ids is None:
-        output_ids = [entry[1] for entry in token_logprobs] if token_logprobs else item.get("token_ids", [])
-    logprobs = [float(entry[0]) for entry in token_logprobs]
-    if len(logprobs) != len(output_ids):
-        raise EngineError(
-            f"SGLang returned {len(output_ids)} output ids but {len(logprobs)} logprobs; the worker must be "
-            "asked with return_logprob (is it an SGLang version that drops them?)"
-        )
-    reason = meta.get("finish_reason") or {}
-    kind = reason.get("type") if isinstance(reason, dict) else reason
-    if kind == "abort" and 400 <= int(reason.get("status_code") or 0) < 500:
-        raise EngineRequestError(f"SGLang rejected the request: {reason.get('message', reason)}")
-    if kind not in ("stop", "length", "abort"):
-        raise EngineError(f"SGLang finish_reason {reason!r} is none of stop, length, abort")
-    version = str(meta.get("weight_version", ""))
-    return _Piece(
-        output_ids=[int(t) for t in output_ids],
-        logprobs=logprobs,
-        finish=kind,
-        cached_tokens=int(meta.get("cached_tokens") or 0),
-        prompt_tokens=int(meta.get("prompt_tokens") or 0),
-        weight_version=int(version) if version.isdigit() else None,
-    )
-
-
-def _raise_for_status(response: httpx.Response, url: str) -> None:
-    """400 -> EngineRequestError; 429/502/503/504 -> EngineUnavailable; other non-2xx -> EngineError."""
-    if response.is_success:
-        return
-    answer = _json_or_text(response)
-    message = answer
-    if isinstance(answer, dict):
-        error = answer.get("error", answer)
-        message = error.get("message", error) if isinstance(error, dict) else error
-    text = f"SGLang worker {url or response.request.url} answered HTTP {response.status_code}: {message}"
-    if response.status_code == 400:
-        raise EngineRequestError(text)
-    if response.status_code in (429, 502, 503, 504):
-        raise EngineUnavailable(text)
-    if response.status_code in (401, 403):
-        raise EngineError(text + " (check api_key / admin_api_key)")
-    raise EngineError(text)
-
-
-def _json_or_text(response: httpx.Response) -> Any:
-    try:
-        return response.json()
-    except ValueError:
-        return response.text
-
-
-def _check_urls(base_urls: str | Sequence[str]) -> list[str]:
-    urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
-    if not urls:
-        raise ValueError("SGLangEngine needs at least one base URL, e.g. http://127.0.0.1:30000")
-    for url in urls:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"SGLang base URL {url!r} must start with http:// or https://")
-    return [url.rstrip("/") for url in urls]
-
-
-def _read_model_limits(model_path: str | Path | None) -> tuple[tuple[int, ...], int]:
-    """(EOS ids, context length) from a local model directory's generation_config.json / config.json."""
-    if model_path is None:
-        raise ValueError(
-            "give eos_token_ids and max_context, or model_path (a local copy of the served model)"
-        )
-    root = Path(model_path)
-    config = _read_json(root / "config.json")
-    generation = (
-        _read_json(root / "generation_config.json") if (root / "generation_config.json").exists() else {}
-    )
-    text_config = config.get("text_config") or {}
-    eos = generation.get("eos_token_id", config.get("eos_token_id", text_config.get("eos_token_id")))
-    context = config.get("max_position_embeddings", text_config.get("max_position_embeddings"))
-    if eos is None or context is None:
-        raise ValueError(f"{root} names no eos_token_id or max_position_embeddings; pass them explicitly")
-    return (tuple(eos) if isinstance(eos, list) else (int(eos),)), int(context)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        raise ValueError(f"{path} not found: model_path must be a local Hugging Face model directory")
-    return json.loads(path.read_text())

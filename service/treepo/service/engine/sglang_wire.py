@@ -1,0 +1,167 @@
+"""SGLang's native wire format (shared/SGLANG.md §1-§2): request items out, response items and errors in."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+
+from treepo.service.engine.protocol import EngineError, EngineRequestError, EngineUnavailable, GenerateRequest
+
+
+@dataclass(slots=True)
+class Piece:
+    """What one /generate item returned."""
+
+    output_ids: list[int]
+    logprobs: list[float]
+    finish: Literal["stop", "length", "abort"]
+    cached_tokens: int
+    prompt_tokens: int
+    weight_version: int | None
+
+
+@dataclass(slots=True)
+class PendingRequest:
+    """One request across abort resubmissions: tokens received so far are kept and resent as input."""
+
+    request: GenerateRequest
+    max_new_tokens: int
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    cached_tokens: int = 0
+    prefill_tokens: int = 0
+    versions: list[int] = field(default_factory=list)
+    finish: Literal["stop", "length"] | None = None
+    num_aborts: int = 0
+
+    def next_item(self) -> dict[str, Any]:
+        input_ids = self.request.input_ids + self.output_ids
+        return generate_item(self.request, input_ids, self.max_new_tokens - len(self.output_ids))
+
+    def absorb(self, piece: Piece) -> None:
+        self.output_ids += piece.output_ids
+        self.logprobs += piece.logprobs
+        self.cached_tokens += piece.cached_tokens
+        self.prefill_tokens += max(piece.prompt_tokens - piece.cached_tokens, 0)
+        if piece.weight_version is not None:
+            self.versions.append(piece.weight_version)
+        if piece.finish != "abort":
+            self.finish = piece.finish
+        elif len(self.output_ids) >= self.max_new_tokens:
+            self.finish = "length"  # aborted exactly at the budget: nothing left to resume
+        else:
+            self.num_aborts += 1
+
+
+def generate_item(request: GenerateRequest, input_ids: list[int], max_new_tokens: int) -> dict[str, Any]:
+    """One batch item: `input_ids` and its own sampling_params."""
+    params: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "top_k": request.top_k,
+        "stop_token_ids": list(request.stop_token_ids),
+    }
+    if request.seed is not None:
+        params["sampling_seed"] = request.seed  # honoured with --enable-deterministic-inference (§1.2)
+    return {"input_ids": input_ids, "sampling_params": params}
+
+
+def warmup_item(input_ids: list[int], eos: tuple[int, ...]) -> dict[str, Any]:
+    return {"input_ids": input_ids, "sampling_params": {"max_new_tokens": 0, "stop_token_ids": list(eos)}}
+
+
+def parse_item(item: dict[str, Any]) -> Piece:
+    """One response object (§1.3): output_ids (or logprob token ids, or old `token_ids`), meta_info."""
+    meta = item.get("meta_info") or {}
+    token_logprobs = meta.get("output_token_logprobs") or []
+    output_ids = item.get("output_ids")
+    if output_ids is None:
+        output_ids = [entry[1] for entry in token_logprobs] if token_logprobs else item.get("token_ids", [])
+    logprobs = [float(entry[0]) for entry in token_logprobs]
+    if len(logprobs) != len(output_ids):
+        raise EngineError(
+            f"SGLang returned {len(output_ids)} output ids but {len(logprobs)} logprobs; the worker must be "
+            "asked with return_logprob (is it an SGLang version that drops them?)"
+        )
+    reason = meta.get("finish_reason") or {}
+    kind = reason.get("type") if isinstance(reason, dict) else reason
+    if kind == "abort" and 400 <= int(reason.get("status_code") or 0) < 500:
+        raise EngineRequestError(f"SGLang rejected the request: {reason.get('message', reason)}")
+    if kind not in ("stop", "length", "abort"):
+        raise EngineError(f"SGLang finish_reason {reason!r} is none of stop, length, abort")
+    version = str(meta.get("weight_version", ""))
+    return Piece(
+        output_ids=[int(t) for t in output_ids],
+        logprobs=logprobs,
+        finish=kind,
+        cached_tokens=int(meta.get("cached_tokens") or 0),
+        prompt_tokens=int(meta.get("prompt_tokens") or 0),
+        weight_version=int(version) if version.isdigit() else None,
+    )
+
+
+def raise_for_status(response: httpx.Response, url: str) -> None:
+    """400 -> EngineRequestError; 429/502/503/504 -> EngineUnavailable; other non-2xx -> EngineError."""
+    if response.is_success:
+        return
+    answer = json_or_text(response)
+    message = answer
+    if isinstance(answer, dict):
+        error = answer.get("error", answer)
+        message = error.get("message", error) if isinstance(error, dict) else error
+    text = f"SGLang worker {url or response.request.url} answered HTTP {response.status_code}: {message}"
+    if response.status_code == 400:
+        raise EngineRequestError(text)
+    if response.status_code in (429, 502, 503, 504):
+        raise EngineUnavailable(text)
+    if response.status_code in (401, 403):
+        raise EngineError(text + " (check api_key / admin_api_key)")
+    raise EngineError(text)
+
+
+def json_or_text(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return response.text
+
+
+def check_urls(base_urls: str | Sequence[str]) -> list[str]:
+    urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
+    if not urls:
+        raise ValueError("SGLangEngine needs at least one base URL, e.g. http://127.0.0.1:30000")
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"SGLang base URL {url!r} must start with http:// or https://")
+    return [url.rstrip("/") for url in urls]
+
+
+def read_model_limits(model_path: str | Path | None) -> tuple[tuple[int, ...], int]:
+    """(EOS ids, context length) from a local model directory's generation_config.json / config.json."""
+    if model_path is None:
+        raise ValueError(
+            "give eos_token_ids and max_context, or model_path (a local copy of the served model)"
+        )
+    root = Path(model_path)
+    config = _read_json(root / "config.json")
+    generation = (
+        _read_json(root / "generation_config.json") if (root / "generation_config.json").exists() else {}
+    )
+    text_config = config.get("text_config") or {}
+    eos = generation.get("eos_token_id", config.get("eos_token_id", text_config.get("eos_token_id")))
+    context = config.get("max_position_embeddings", text_config.get("max_position_embeddings"))
+    if eos is None or context is None:
+        raise ValueError(f"{root} names no eos_token_id or max_position_embeddings; pass them explicitly")
+    return (tuple(eos) if isinstance(eos, list) else (int(eos),)), int(context)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ValueError(f"{path} not found: model_path must be a local Hugging Face model directory")
+    return json.loads(path.read_text())
