@@ -21,6 +21,8 @@ from treepo.service.sampler.bench_run import RunStats, ratios, run_mode
 
 logger = logging.getLogger(__name__)
 
+MODES = (("sequential", "sync", True), ("sync", "sync", False), ("async", "async", False))
+
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
     """'4x16,8x8' -> [(4, 16), (8, 8)] as (depth, segment)."""
@@ -48,6 +50,7 @@ def bench_sampling(
     ] = "2x32,4x16,8x8",
     temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of prompts and samples.")] = 0,
+    repeats: Annotated[int, typer.Option(min=1, help="Runs per measurement; the fastest is kept.")] = 3,
     device: Annotated[str, typer.Option(help="torch device of the embedded engine.")] = "cpu",
     threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0 = torch default).")] = 0,
 ) -> None:
@@ -79,6 +82,7 @@ async def _measure(
     temperature: float,
     seed: int,
     device: str,
+    repeats: int,
 ) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
@@ -117,19 +121,26 @@ async def _measure(
             kv_bytes_per_token=kv_bytes,
         )
 
+    async def best(d: int, s: int) -> dict[str, RunStats]:
+        """Each mode `repeats` times, interleaved; the fastest run of each (the machine may be shared)."""
+        runs: dict[str, RunStats] = {}
+        for _ in range(repeats):
+            for name, schedule, sequential in MODES:
+                stats = await run(d, s, schedule, sequential)
+                if name not in runs or stats.wall_s < runs[name].wall_s:
+                    runs[name] = stats
+        return runs
+
     await run(depth, segment, "sync", False)  # warm-up (allocator, kernels)
-    seq, sync, async_ = (
-        await run(depth, segment, "sync", True),
-        await run(depth, segment, "sync", False),
-        None,
-    )
-    async_ = await run(depth, segment, "async", False)
+    default = await best(depth, segment)
+    seq, sync, async_ = default["sequential"], default["sync"], default["async"]
     rows = []
     for d, s in table:
-        base = await run(d, s, "sync", True)
+        runs = default if (d, s) == (depth, segment) else await best(d, s)
         for schedule in ("sync", "async"):
-            stats = await run(d, s, schedule, False)
-            rows.append({"depth": d, "segment": s, "schedule": schedule, **ratios(stats, base)})
+            rows.append(
+                {"depth": d, "segment": s, "schedule": schedule, **ratios(runs[schedule], runs["sequential"])}
+            )
     return {
         "config": {
             "prompts": num_prompts,
@@ -139,6 +150,7 @@ async def _measure(
             "temperature": temperature,
             "seed": seed,
             "device": device,
+            "repeats": repeats,
             "threads": _threads(),
             "machine": platform.machine(),
             "kv_bytes_per_token": kv_bytes,

@@ -1,0 +1,53 @@
+"""The sampling benchmark's bookkeeping (the timed runs themselves are not tests)."""
+
+from __future__ import annotations
+
+import pytest
+import typer
+from sampler_helpers import EOS, PROMPT, decode, eos_at, no_eos
+
+from treepo.client.schema import SamplingParams, TreeParams
+from treepo.service.engine.scripted import ScriptedEngine
+from treepo.service.sampler.bench import parse_shapes
+from treepo.service.sampler.bench_run import ratios, run_mode, trie_tokens
+
+
+@pytest.mark.parametrize(
+    ("sequences", "expected"),
+    [
+        ([[1, 2, 3], [1, 2, 4]], 4),
+        ([[1, 2], [1, 2]], 2),
+        ([[1], [2], [1, 3]], 3),
+        ([], 0),
+        ([[1, 2, 3], [1]], 3),
+    ],
+)
+def test_trie_tokens(sequences: list[list[int]], expected: int) -> None:
+    assert trie_tokens(sequences) == expected
+
+
+def test_parse_shapes() -> None:
+    assert parse_shapes("4x16, 8X8,") == [(4, 16), (8, 8)]
+    assert parse_shapes("") == []
+    for bad in ("4by16", "0x8", "4x"):
+        with pytest.raises(typer.BadParameter):
+            parse_shapes(bad)
+
+
+@pytest.mark.parametrize("script", [no_eos(), eos_at(6)])
+async def test_tree_vs_sequential_on_a_scripted_engine(script) -> None:
+    engine = ScriptedEngine(script, eos_token_id=EOS)
+    tree = TreeParams(width=8, segment_tokens=4, max_depth=4)
+    sampling = SamplingParams()
+    prompts = [PROMPT, [9, *PROMPT]]
+    kwargs = {"seed": 0, "kv_bytes_per_token": 10}
+    seq = await run_mode(engine, decode, prompts, tree, sampling, sequential=True, **kwargs)
+    sync = await run_mode(engine, decode, prompts, tree, sampling, sequential=False, **kwargs)
+    assert seq.trajectories == sync.trajectories == 16
+    assert seq.decoded_tokens == seq.independent_tokens
+    assert sync.decoded_tokens < seq.decoded_tokens  # shared prefixes are decoded once
+    assert seq.peak_concurrent_sequences == 16 and seq.engine_calls == 1
+    assert sync.peak_kv_tokens < seq.peak_kv_tokens and sync.peak_kv_bytes == 10 * sync.peak_kv_tokens
+    result = ratios(sync, seq)
+    assert result["decoded_tokens"] == sync.decoded_tokens / seq.decoded_tokens
+    assert result["efficiency"] == pytest.approx(result["traj_per_s"] * result["decoded_tokens"])
