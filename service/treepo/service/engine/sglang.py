@@ -27,7 +27,6 @@ from treepo.service.engine.sglang_wire import (
     PendingRequest,
     Piece,
     check_urls,
-    generate_item,
     json_or_text,
     parse_item,
     raise_for_status,
@@ -210,9 +209,7 @@ class SGLangEngine:
                 break
             if any(p.num_aborts for p in todo):
                 logger.warning("resubmitting %d aborted SGLang requests with their tokens so far", len(todo))
-            items = await self._post_generate(
-                worker, [generate_item(p.request, *p.next_input()) for p in todo]
-            )
+            items = await self._post_generate(worker, [p.next_item() for p in todo])
             for entry, item in zip(todo, items, strict=True):
                 entry.absorb(parse_item(item))
         if any(p.finish is None for p in pending):
