@@ -8,6 +8,7 @@ from __future__ import annotations
 import typer
 
 from treepo.service.sampler.bench import bench_sampling
+from treepo.service.tinymodel import init_model
 
 app = typer.Typer(help="TreePO rollout-as-a-service.", no_args_is_help=True, pretty_exceptions_show_locals=False)
 bench = typer.Typer(help="Benchmarks (ratios measured in one run; print JSON with --json).", no_args_is_help=True)
@@ -15,6 +16,7 @@ app.add_typer(bench, name="bench")
 
 # Each command lives beside the code it drives and is registered here.
 # (registrations are appended below as the pieces land)
+app.command("init-model")(init_model)
 bench.command("sampling")(bench_sampling)
 try:  # the trainer's commands, when treepo-trainer is installed beside the service
     from treepo.trainer.cli import bench_train, demo, train
