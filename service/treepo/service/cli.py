@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import typer
 
+from treepo.service.bench_service import bench_service
 from treepo.service.sampler.bench import bench_sampling
+from treepo.service.serve import serve
 from treepo.service.tinymodel import init_model
 
 app = typer.Typer(help="TreePO rollout-as-a-service.", no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -18,6 +20,8 @@ app.add_typer(bench, name="bench")
 # (registrations are appended below as the pieces land)
 app.command("init-model")(init_model)
 bench.command("sampling")(bench_sampling)
+app.command("serve")(serve)
+bench.command("service")(bench_service)
 try:  # the trainer's commands, when treepo-trainer is installed beside the service
     from treepo.trainer.cli import bench_train, demo, train
 except ImportError:  # pragma: no cover - service-only installs

@@ -1,0 +1,261 @@
+"""`treepo bench service`: what HTTP + the Redis queue cost over calling the sampler directly, and the
+throughput with 1, 4 and 16 concurrent clients. Ratios measured in one run, on one machine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Annotated, Any
+
+import typer
+
+from treepo.client.schema import SamplingParams, TreeParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Workload:
+    num_prompts: int
+    tree: TreeParams
+    sampling: SamplingParams
+    repeats: int
+
+    def texts(self, round_index: int) -> list[str]:
+        """Fresh arithmetic prompts per round, so no round finds the previous one in the prefix cache."""
+        return [
+            f"{10 + (round_index * 37 + i) % 90}+{10 + (i * 13) % 90}-{round_index % 10}="
+            for i in range(self.num_prompts)
+        ]
+
+
+@dataclass(slots=True)
+class BenchResult:
+    engine: str
+    workload: dict[str, Any]
+    direct_s: list[float] = field(default_factory=list)
+    queue_s: list[float] = field(default_factory=list)
+    inline_s: list[float] = field(default_factory=list)
+    throughput: list[dict[str, float]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        direct, queue, inline = (statistics.median(x) for x in (self.direct_s, self.queue_s, self.inline_s))
+        return {
+            "direct_median_s": direct,
+            "queue_median_s": queue,
+            "inline_median_s": inline,
+            "queue_overhead": queue / direct - 1,
+            "inline_overhead": inline / direct - 1,
+        }
+
+
+async def _direct(sampler: Any, codec: Any, workload: Workload, texts: list[str]) -> float:
+    """The same trees with no HTTP and no Redis: one sample() per prompt over a batching engine."""
+    seed = workload.sampling.seed or 0
+    started = time.perf_counter()
+    await asyncio.gather(
+        *(
+            sampler.sample(
+                codec.encode(text), workload.tree, workload.sampling, seed=seed + i, prompt_text=text
+            )
+            for i, text in enumerate(texts)
+        )
+    )
+    return time.perf_counter() - started
+
+
+def _via_queue(client: Any, redis: Any, stream: str, workload: Workload, texts: list[str]) -> float:
+    """POST delivery=queue, then wait until every tree is readable from the stream (XREAD)."""
+    last = redis.xrevrange(stream, count=1)
+    cursor = last[0][0] if last else "0-0"
+    started = time.perf_counter()
+    accepted = client.rollout_tree(texts, tree=workload.tree, sampling=workload.sampling, delivery="queue")
+    missing = set(accepted.tree_ids)
+    while missing:
+        for _, entries in redis.xread({stream: cursor}, block=1000) or []:
+            for entry_id, fields in entries:
+                cursor = entry_id
+                missing.discard(json.loads(fields["tree"])["tree_id"])
+    return time.perf_counter() - started
+
+
+def _via_inline(client: Any, workload: Workload, texts: list[str]) -> float:
+    started = time.perf_counter()
+    client.rollout_tree(texts, tree=workload.tree, sampling=workload.sampling)
+    return time.perf_counter() - started
+
+
+async def _throughput(url: str, workload: Workload, num_clients: int, metrics: Any) -> dict[str, float]:
+    """`num_clients` clients, each sending its share of `num_prompts` one-prompt requests back to back."""
+    from treepo.client import AsyncTreePOClient
+
+    calls_before, batch_before = _engine_counters(metrics)
+    per_client = max(1, workload.num_prompts // num_clients)
+
+    async def one_client(index: int) -> int:
+        leaves = 0
+        async with AsyncTreePOClient(url) as client:
+            for k in range(per_client):
+                text = f"{10 + (index * 7 + k) % 90}*{num_clients}="
+                answer = await client.rollout_tree([text], tree=workload.tree, sampling=workload.sampling)
+                leaves += sum(len(tree.leaves) for tree in answer.trees)
+        return leaves
+
+    started = time.perf_counter()
+    leaves = sum(await asyncio.gather(*(one_client(i) for i in range(num_clients))))
+    wall = time.perf_counter() - started
+    calls, batch = _engine_counters(metrics)
+    num_trees = per_client * num_clients
+    return {
+        "clients": num_clients,
+        "trees": num_trees,
+        "wall_s": wall,
+        "trees_per_s": num_trees / wall,
+        "trajectories_per_s": leaves / wall,
+        "mean_engine_batch": (batch - batch_before) / max(1, calls - calls_before),
+    }
+
+
+def _engine_counters(metrics: Any) -> tuple[float, float]:
+    registry = metrics.registry
+    calls = registry.get_sample_value("treepo_engine_calls_total") or 0.0
+    batch = registry.get_sample_value("treepo_engine_batch_size_requests_sum") or 0.0
+    return calls, batch
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_bench(settings: Any, workload: Workload) -> BenchResult:
+    """Alternate direct / queue / inline rounds (drift cancels out), then the concurrency sweep."""
+    import redis as redis_sync
+
+    from treepo.client import TreePOClient
+    from treepo.service.app import create_app
+    from treepo.service.engine.batcher import BatchingEngine
+    from treepo.service.factory import build_engine
+    from treepo.service.sampler import TreeSampler
+    from treepo.service.server import BackgroundServer
+
+    engine, codec = build_engine(settings)
+    sampler = TreeSampler(BatchingEngine(engine, max_batch_size=settings.max_batch_size), codec.decode)
+    app = create_app(settings)
+    result = BenchResult(
+        settings.engine,
+        {
+            "num_prompts": workload.num_prompts,
+            "repeats": workload.repeats,
+            "tree": workload.tree.model_dump(mode="json"),
+        },
+    )
+    with BackgroundServer(app, port=settings.port) as server, TreePOClient(server.url) as client:
+        redis = redis_sync.Redis.from_url(settings.redis_url, decode_responses=True)
+        _wait_ready(client)
+        stream = f"{settings.key_prefix}:trees"
+        asyncio.run(_direct(sampler, codec, workload, workload.texts(999)))  # warm-up, both sides
+        _via_inline(client, workload, workload.texts(998))
+        for r in range(workload.repeats):
+            result.direct_s.append(asyncio.run(_direct(sampler, codec, workload, workload.texts(3 * r))))
+            result.queue_s.append(_via_queue(client, redis, stream, workload, workload.texts(3 * r + 1)))
+            result.inline_s.append(_via_inline(client, workload, workload.texts(3 * r + 2)))
+        for num_clients in (1, 4, 16):
+            result.throughput.append(
+                asyncio.run(_throughput(server.url, workload, num_clients, app.state.metrics))
+            )
+        _cleanup(redis, settings.key_prefix)
+    return result
+
+
+def _wait_ready(client: Any, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (health := client.health())["status_code"] != 200:
+        if health.get("engine") == "failed" or time.monotonic() > deadline:
+            raise RuntimeError(f"the service did not become ready: {health}")
+        time.sleep(0.1)
+
+
+def _cleanup(redis: Any, prefix: str) -> None:
+    keys = list(redis.scan_iter(match=f"{prefix}:*", count=1000))
+    if keys:
+        redis.delete(*keys)
+    redis.close()
+
+
+def bench_service(
+    engine: Annotated[str, typer.Option(help="embedded | scripted | sglang.")] = "embedded",
+    model: Annotated[
+        str | None, typer.Option(help="Local HF model dir (default: the shipped tiny model).")
+    ] = None,
+    prompts: Annotated[int, typer.Option(min=1, help="Prompts per round (trees per request).")] = 16,
+    width: Annotated[int, typer.Option(min=1)] = 8,
+    branch: Annotated[int, typer.Option(min=1)] = 2,
+    segment_tokens: Annotated[int, typer.Option(min=1)] = 16,
+    max_depth: Annotated[int, typer.Option(min=1)] = 4,
+    repeats: Annotated[int, typer.Option(min=1, help="Rounds of direct / queue / inline.")] = 3,
+    scripted_latency_s: Annotated[
+        float, typer.Option(min=0, help="Per-call latency of the scripted engine.")
+    ] = 0.02,
+    redis_url: Annotated[str, typer.Option(help="Redis to use (a private key prefix, deleted after).")] = (
+        "redis://127.0.0.1:6379/0"
+    ),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """HTTP + queue overhead against the sampler called directly, and throughput for 1, 4, 16 clients."""
+    from treepo.service.config import Settings
+
+    if engine not in ("embedded", "scripted", "sglang"):
+        raise typer.BadParameter(f"unknown engine {engine!r}; expected embedded, scripted or sglang")
+    settings = Settings(
+        engine=engine,
+        model_path=model,
+        redis_url=redis_url,
+        port=_free_port(),
+        key_prefix=f"treepo-bench-{_free_port()}",
+        scripted_latency_s=scripted_latency_s,
+        max_queue_depth=10**9,
+    )
+    tree = TreeParams(width=width, branch=branch, segment_tokens=segment_tokens, max_depth=max_depth)
+    workload = Workload(prompts, tree, SamplingParams(seed=0), repeats)
+    result = run_bench(settings, workload)
+    if as_json:
+        typer.echo(json.dumps({**asdict(result), "summary": result.summary()}, indent=2))
+    else:
+        _print_table(result)
+
+
+def _print_table(result: BenchResult) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    summary = result.summary()
+    table = Table(
+        title=f"treepo bench service ({result.engine} engine, {result.workload['num_prompts']} prompts)"
+    )
+    for column in ("path", "median s", "overhead vs direct"):
+        table.add_column(column)
+    table.add_row("sampler direct", f"{summary['direct_median_s']:.3f}", "-")
+    table.add_row(
+        "HTTP + Redis queue", f"{summary['queue_median_s']:.3f}", f"{summary['queue_overhead']:+.1%}"
+    )
+    table.add_row("HTTP inline", f"{summary['inline_median_s']:.3f}", f"{summary['inline_overhead']:+.1%}")
+    sweep = Table(title="throughput (one-prompt inline requests)")
+    for column in ("clients", "trees/s", "trajectories/s", "mean engine batch"):
+        sweep.add_column(column)
+    for row in result.throughput:
+        sweep.add_row(
+            str(row["clients"]),
+            f"{row['trees_per_s']:.2f}",
+            f"{row['trajectories_per_s']:.1f}",
+            f"{row['mean_engine_batch']:.1f}",
+        )
+    console = Console()
+    console.print(table)
+    console.print(sweep)
