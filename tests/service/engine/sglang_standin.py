@@ -58,7 +58,7 @@ class ModelTokens:
         with torch.no_grad():
             while True:
                 out = self.model(input_ids=ids, use_cache=True, **{cache_arg: past})
-                past = out.get("cache", out.get("past_key_values"))
+                past = out["cache"] if "cache" in out else out["past_key_values"]
                 token, logprob = _sample(out.logits[0, -1].float(), params, generator)
                 yield token, logprob
                 ids = torch.tensor([[token]])

@@ -309,3 +309,26 @@ def test_parse_item_versions(item, ids, logprobs, finish) -> None:
 def test_parse_item_rejects_malformed(item, error, message) -> None:
     with pytest.raises(error, match=message):
         parse_item(item)
+
+
+@pytest.mark.parametrize("prefill_first", [False, True])
+async def test_tree_sampler_runs_a_whole_tree_over_sglang(model_dirs, prefill_first: bool) -> None:
+    from treepo.client.schema import SamplingParams, TreeParams
+    from treepo.service.sampler import TreeSampler
+
+    state = StandinState(tokens=ModelTokens(str(model_dirs[0])), vocab_size=VOCAB, weight_version="0")
+    prompt = list(range(2, 18))
+    shape = TreeParams(width=4, branch=2, segment_tokens=4, max_depth=3, init_branch=2, repetition_count=50)
+    with serve(state, port()) as url:
+        async with engine_for(url, prefill_first=prefill_first) as engine:
+            sampler = TreeSampler(engine, lambda ids: " ".join(map(str, ids)))
+            tree = await sampler.sample(prompt, shape, SamplingParams(seed=11), prompt_id="p0")
+    stats = tree.stats
+    assert len(tree.leaves) == 4 and tree.prompt_id == "p0" and tree.policy_version == 0
+    assert stats.decoded_tokens == sum(len(n.token_ids) for n in tree.nodes) > 0
+    assert stats.decoded_tokens < stats.independent_tokens  # siblings shared their prefixes
+    # every segment after the first re-sends prompt + path: all but the new tokens come from the radix cache
+    assert stats.cached_tokens > stats.prefill_tokens
+    first_call_prefill = 16 + 2 if prefill_first else 2 * 16  # the 2 copies of the prompt at step 1
+    assert stats.prefill_tokens <= first_call_prefill + stats.decoded_tokens
+    assert all(len(n.logprobs) == len(n.token_ids) for n in tree.nodes)
