@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI
@@ -22,6 +23,7 @@ from treepo.service.queue import TreeQueue
 from treepo.service.runtime import EngineRuntime
 
 logger = logging.getLogger(__name__)
+Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 DESCRIPTION = """TreePO rollout-as-a-service: tree-structured sampling (arXiv 2508.17445) for RL on reasoning
 LLMs. Trees are returned inline, streamed as NDJSON, or XADDed to a Redis stream for trainers."""
 
@@ -29,31 +31,12 @@ LLMs. Trees are returned inline, streamed as NDJSON, or XADDed to a Redis stream
 def create_app(settings: Settings | None = None, *, engine_factory: EngineFactory = build_engine) -> FastAPI:
     """A new app with its own metrics registry; the engine loads in the background once it starts."""
     settings = settings or Settings()
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        redis = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
-        queue = TreeQueue(
-            redis,
-            settings.key_prefix,
-            tree_ttl_s=settings.tree_ttl_s,
-            idempotency_ttl_s=settings.idempotency_ttl_s,
-        )
-        runtime = EngineRuntime(settings, app.state.metrics, engine_factory)
-        jobs = QueueJobs(queue, app.state.metrics)
-        app.state.queue, app.state.runtime, app.state.jobs = queue, runtime, jobs
-        loader = asyncio.create_task(runtime.load(), name="engine-load")
-        try:
-            yield
-        finally:
-            await jobs.drain(settings.shutdown_grace_s)
-            loader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await loader
-            await runtime.close()
-            await redis.aclose()
-
-    app = FastAPI(title="TreePO rollout service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="TreePO rollout service",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=_lifespan(settings, engine_factory),
+    )
     routers = (rollout.router, weights.router, trees.router, health.router)
     for router in routers:
         app.include_router(router)
@@ -71,6 +54,35 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     app.add_middleware(AuthMiddleware, token=token, metrics=metrics)
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=flat_routes)
     return app
+
+
+def _lifespan(settings: Settings, engine_factory: EngineFactory) -> Lifespan:
+    """Redis, the queue, the engine runtime and the queue jobs live as long as the server."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
+        queue = TreeQueue(
+            redis,
+            settings.key_prefix,
+            tree_ttl_s=settings.tree_ttl_s,
+            idempotency_ttl_s=settings.idempotency_ttl_s,
+        )
+        runtime = EngineRuntime(settings, app.state.metrics, engine_factory)
+        jobs = QueueJobs(queue, app.state.metrics)
+        app.state.queue, app.state.runtime, app.state.jobs = queue, runtime, jobs
+        loader = asyncio.create_task(runtime.load(), name="engine-load")
+        try:
+            yield
+        finally:
+            await jobs.drain(settings.shutdown_grace_s)  # accepted trees finish or get failure records
+            loader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loader
+            await runtime.close()
+            await redis.aclose()
+
+    return lifespan
 
 
 def _route_methods(routes: list[BaseRoute]) -> tuple[tuple[str, str], ...]:

@@ -19,7 +19,12 @@ class ServiceMetrics:
 
     def __init__(self, routes: tuple[tuple[str, str], ...] = ()) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
+        self._http_metrics(self.registry)
+        self._sampling_metrics(self.registry)
+        self._queue_and_engine_metrics(self.registry)
+        self._precreate(routes)
+
+    def _http_metrics(self, r: CollectorRegistry) -> None:
         self.http_requests = Counter(
             "treepo_http_requests",
             "HTTP requests by route template, method and status.",
@@ -36,6 +41,11 @@ class ServiceMetrics:
         self.rollout_prompts = Counter(
             "treepo_rollout_prompts", "Prompts accepted by POST /rollout_tree.", ["delivery"], registry=r
         )
+        self.rejected = Counter(
+            "treepo_rejected_requests", "Refused requests by reason.", ["reason"], registry=r
+        )
+
+    def _sampling_metrics(self, r: CollectorRegistry) -> None:
         self.trees = Counter("treepo_trees", "Trees completed.", registry=r)
         self.trajectories = Counter("treepo_trajectories", "Trajectories (leaves) completed.", registry=r)
         self.decoded_tokens = Counter("treepo_decoded_tokens", "Tokens the tree sampler decoded.", registry=r)
@@ -67,6 +77,9 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.inflight_trees = Gauge("treepo_inflight_trees", "Trees being sampled now.", registry=r)
+
+    def _queue_and_engine_metrics(self, r: CollectorRegistry) -> None:
         self.queue_depth = Gauge(
             "treepo_queue_depth_trees", "Trees in the stream not yet consumed.", registry=r
         )
@@ -86,11 +99,6 @@ class ServiceMetrics:
         self.engine_errors = Counter(
             "treepo_engine_errors", "Engine failures by reason.", ["reason"], registry=r
         )
-        self.rejected = Counter(
-            "treepo_rejected_requests", "Refused requests by reason.", ["reason"], registry=r
-        )
-        self.inflight_trees = Gauge("treepo_inflight_trees", "Trees being sampled now.", registry=r)
-        self._precreate(routes)
 
     def _precreate(self, routes: tuple[tuple[str, str], ...]) -> None:
         """Create every fixed label value at 0 so dashboards show zeros, not gaps."""

@@ -7,6 +7,7 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -14,8 +15,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from treepo.client.schema import ErrorBody, RolloutAccepted, RolloutTreeRequest, RolloutTreeResponse, Tree
 from treepo.service.api.deps import IdempotencyKeyDep, JobsDep, LoadedDep, MetricsDep, QueueDep, SettingsDep
 from treepo.service.api.errors import ApiError
+from treepo.service.config import Settings
+from treepo.service.jobs import QueueJobs
+from treepo.service.metrics import ServiceMetrics
 from treepo.service.queue import IdempotencyRecord, TreeQueue
-from treepo.service.rollout import TreeFailure, prepare, sample_trees
+from treepo.service.rollout import PreparedPrompt, TreeFailure, prepare, sample_trees
 from treepo.service.runtime import Loaded
 
 logger = logging.getLogger(__name__)
@@ -61,88 +65,103 @@ async def rollout_tree(
         earlier = await queue.claim(idempotency_key, fingerprint)
         if earlier is not None:
             return _replay(earlier, fingerprint, settings.retry_after_s)
+    call = _Rollout(body, loaded, metrics, queue, settings, idempotency_key, fingerprint)
     try:
-        request_id = uuid.uuid4().hex
-        prompts = prepare(body, loaded.codec, loaded.engine.max_context, request_id)
-        if body.delivery == "queue":
-            await _check_depth(queue, metrics, settings.max_queue_depth, settings.retry_after_s)
-            accepted = RolloutAccepted(
-                request_id=request_id, tree_ids=[p.tree_id for p in prompts], stream=queue.stream
-            )
-            response: Response = JSONResponse(accepted.model_dump(), status_code=202)
-            await _remember(queue, idempotency_key, fingerprint, response)
-            jobs.submit(loaded, prompts, body, request_id)
-        elif body.delivery == "inline":
-            response = await _inline(
-                loaded, prompts, body, metrics, queue, request_id, settings.retry_after_s
-            )
-            await _remember(queue, idempotency_key, fingerprint, response)
-        else:
-            lines = _ndjson(loaded, prompts, body, metrics, queue, request_id, idempotency_key, fingerprint)
-            response = StreamingResponse(lines, media_type=NDJSON)
+        prompts = prepare(body, loaded.codec, loaded.engine.max_context, call.request_id)
+        response = await call.deliver(prompts, jobs)
     except BaseException:
-        if idempotency_key:
-            await queue.release(idempotency_key)
+        await call.release()
         raise
     metrics.rollout_prompts.labels(delivery=body.delivery).inc(len(prompts))
     return response
 
 
-async def _inline(
-    loaded: Loaded,
-    prompts: list,
-    body: RolloutTreeRequest,
-    metrics: MetricsDep,
-    queue: TreeQueue,
-    request_id: str,
-    retry_after_s: int,
-) -> Response:
-    trees: dict[int, Tree] = {}
-    failures: list[TreeFailure] = []
-    index = {p.tree_id: p.index for p in prompts}
-    async for result in sample_trees(loaded.sampler, prompts, body, metrics):
-        if isinstance(result, Tree):
-            trees[index[result.tree_id]] = result
-            await queue.remember(result)
-        else:
-            failures.append(result)
-    if failures:
-        return _failed(failures, len(prompts), request_id, retry_after_s)
-    ordered = RolloutTreeResponse(trees=[trees[i] for i in sorted(trees)])
-    return Response(ordered.model_dump_json(), media_type="application/json")
+@dataclass(slots=True)
+class _Rollout:
+    """One accepted request on its way to the caller, the stream, or both."""
 
+    body: RolloutTreeRequest
+    loaded: Loaded
+    metrics: ServiceMetrics
+    queue: TreeQueue
+    settings: Settings
+    idempotency_key: str | None
+    fingerprint: str
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
-async def _ndjson(
-    loaded: Loaded,
-    prompts: list,
-    body: RolloutTreeRequest,
-    metrics: MetricsDep,
-    queue: TreeQueue,
-    request_id: str,
-    idempotency_key: str | None,
-    fingerprint: str,
-) -> AsyncIterator[str]:
-    """One line per tree as it completes; a failed tree becomes an {"error": {...}} line."""
-    lines: list[str] = []
-    try:
-        async for result in sample_trees(loaded.sampler, prompts, body, metrics):
+    async def deliver(self, prompts: list[PreparedPrompt], jobs: QueueJobs) -> Response:
+        if self.body.delivery == "queue":
+            return await self._queued(prompts, jobs)
+        if self.body.delivery == "inline":
+            return await self._inline(prompts)
+        return StreamingResponse(self._ndjson(prompts), media_type=NDJSON)
+
+    async def release(self) -> None:
+        if self.idempotency_key:
+            await self.queue.release(self.idempotency_key)
+
+    async def _queued(self, prompts: list[PreparedPrompt], jobs: QueueJobs) -> Response:
+        settings = self.settings
+        await _check_depth(self.queue, self.metrics, settings.max_queue_depth, settings.retry_after_s)
+        tree_ids = [p.tree_id for p in prompts]
+        accepted = RolloutAccepted(request_id=self.request_id, tree_ids=tree_ids, stream=self.queue.stream)
+        response = JSONResponse(accepted.model_dump(), status_code=202)
+        await self._remember(response)
+        jobs.submit(self.loaded, prompts, self.body, self.request_id)
+        return response
+
+    async def _inline(self, prompts: list[PreparedPrompt]) -> Response:
+        trees: dict[int, Tree] = {}
+        failures: list[TreeFailure] = []
+        index = {p.tree_id: p.index for p in prompts}
+        async for result in sample_trees(self.loaded.sampler, prompts, self.body, self.metrics):
             if isinstance(result, Tree):
-                await queue.remember(result)
-                line = result.model_dump_json() + "\n"
+                trees[index[result.tree_id]] = result
+                await self.queue.remember(result)
             else:
-                line = json.dumps({"error": result.record(request_id)}) + "\n"
-            lines.append(line)
-            yield line
-    except BaseException:
-        if idempotency_key:
-            await queue.release(idempotency_key)
-        raise
-    if idempotency_key:
-        record = IdempotencyRecord(fingerprint, True, 200, NDJSON, "".join(lines))
-        await queue.complete(idempotency_key, record)
+                failures.append(result)
+        if failures:
+            response = _failed(failures, len(prompts), self.request_id, self.settings.retry_after_s)
+        else:
+            ordered = RolloutTreeResponse(trees=[trees[i] for i in sorted(trees)])
+            response = Response(ordered.model_dump_json(), media_type="application/json")
+        await self._remember(response)
+        return response
+
+    async def _ndjson(self, prompts: list[PreparedPrompt]) -> AsyncIterator[str]:
+        """One line per tree as it completes; a failed tree becomes an {"error": {...}} line."""
+        lines: list[str] = []
+        try:
+            async for result in sample_trees(self.loaded.sampler, prompts, self.body, self.metrics):
+                if isinstance(result, Tree):
+                    await self.queue.remember(result)
+                    line = result.model_dump_json() + "\n"
+                else:
+                    line = json.dumps({"error": result.record(self.request_id)}) + "\n"
+                lines.append(line)
+                yield line
+        except BaseException:
+            await self.release()
+            raise
+        if self.idempotency_key:
+            record = IdempotencyRecord(self.fingerprint, True, 200, NDJSON, "".join(lines))
+            await self.queue.complete(self.idempotency_key, record)
+
+    async def _remember(self, response: Response) -> None:
+        """Keep a successful answer for replays; forget a failed one so that a retry runs again."""
+        if not self.idempotency_key:
+            return
+        if response.status_code >= 300:
+            await self.release()
+            return
+        body = bytes(response.body).decode()
+        record = IdempotencyRecord(
+            self.fingerprint, True, response.status_code, response.media_type or "", body
+        )
+        await self.queue.complete(self.idempotency_key, record)
 
 
-async def _check_depth(queue: TreeQueue, metrics: MetricsDep, max_depth: int, retry_after_s: int) -> None:
+async def _check_depth(queue: TreeQueue, metrics: ServiceMetrics, max_depth: int, retry_after_s: int) -> None:
     stats = await queue.stats()
     metrics.queue_depth.set(stats.depth)
     metrics.queue_oldest_age.set(stats.oldest_age_s)
@@ -154,16 +173,6 @@ async def _check_depth(queue: TreeQueue, metrics: MetricsDep, max_depth: int, re
             reason="queue_full",
             retry_after_s=retry_after_s,
         )
-
-
-async def _remember(queue: TreeQueue, key: str | None, fingerprint: str, response: Response) -> None:
-    """Keep a successful answer for replays; forget a failed one so that a retry runs again."""
-    if key and response.status_code >= 300:
-        await queue.release(key)
-    elif key:
-        body = bytes(response.body).decode()
-        record = IdempotencyRecord(fingerprint, True, response.status_code, response.media_type or "", body)
-        await queue.complete(key, record)
 
 
 def _failed(failures: list[TreeFailure], num_prompts: int, request_id: str, retry_after_s: int) -> Response:
