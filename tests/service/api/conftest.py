@@ -29,6 +29,7 @@ class Service:
     app: FastAPI
     settings: Settings
     redis: redis.Redis
+    server: BackgroundServer
 
     def client(self, token: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -96,7 +97,8 @@ def make_service(
         settings.weights_dir.mkdir(parents=True, exist_ok=True)
         app = create_app(settings, engine_factory=engine_factory)
         server = BackgroundServer(app, port=settings.port).start()
-        service = Service(server.url, app, settings, redis.Redis.from_url(redis_url, decode_responses=True))
+        client = redis.Redis.from_url(redis_url, decode_responses=True)
+        service = Service(server.url, app, settings, client, server)
         running.append((server, service))
         if wait:
             wait_ready(service)
