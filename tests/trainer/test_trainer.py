@@ -149,3 +149,20 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient() -> None:
         results.append(torch.cat([p.detach().flatten() for p in policy.model.parameters()]))
     torch.testing.assert_close(results[0], results[2], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(results[1], results[2], atol=1e-5, rtol=1e-4)
+
+
+def test_single_update_shortcut_equals_an_explicit_recompute(monkeypatch: pytest.MonkeyPatch) -> None:
+    results = []
+    for shortcut in (True, False):
+        policy = tiny_policy(4)
+        config = TrainConfig(
+            lr=1e-2, warmup_steps=0, prompts_per_step=2, mini_batch_prompts=2, micro_batch_rows=3
+        )
+        trainer = Trainer(policy, config)
+        monkeypatch.setattr(trainer, "_is_single_update", lambda rows, value=shortcut: value)
+        rows = rows_from_tree(binary_tree("a"), [1.0, -1.0, -1.0, 1.0])
+        rows += rows_from_tree(binary_tree("b"), [-1.0, 1.0, -1.0, -1.0])
+        trainer.step(rows)
+        assert (rows[0].old_logprobs is None) == shortcut
+        results.append(torch.cat([p.detach().flatten() for p in policy.model.parameters()]))
+    torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=1e-5)

@@ -59,6 +59,7 @@ class DemoOptions:
     name: str | None = None
     eval_problems: int = 128
     eval_samples: int = 4
+    model_path: str | None = None  # default: the shipped tiny model
     overrides: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
 
     def __post_init__(self) -> None:
@@ -92,6 +93,7 @@ def run_demo(options: DemoOptions, *, on_event=None) -> DemoResult:
             key_prefix=prefix,
             weights_dir=run_dir / "weights",
             log_path=run_dir / "service.log",
+            model_path=options.model_path,
         )
         emit("service", {"url": service.url, "log": str(service.log_path)})
         summary = _train_and_measure(options, run_dir, service.url, redis_handle.url, prefix, emit)
@@ -116,6 +118,7 @@ def _train_and_measure(
         key_prefix=prefix,
         output_dir=str(run_dir),
         weights_dir=str(run_dir / "weights"),
+        model_path=options.model_path or "",
         **options.overrides,
     )
     (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))

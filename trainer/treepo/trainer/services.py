@@ -23,6 +23,8 @@ import redis
 logger = logging.getLogger(__name__)
 
 LOCAL_REDIS = "redis://127.0.0.1:6379/0"
+# `treepo serve`, run as `python -c` so it works from any venv without the console script on PATH.
+_SERVE = "import typer; from treepo.service.serve import serve; typer.run(serve)"
 
 
 def free_port() -> int:
@@ -116,8 +118,7 @@ def start_service(
     args = [
         sys.executable,
         "-c",
-        "from treepo.service.cli import app; app()",
-        "serve",
+        _SERVE,
         "--port",
         str(port),
         "--engine",

@@ -183,6 +183,12 @@ class Trainer:
                     )
                 row.old_logprobs = torch.tensor(row.sampler_logprobs, dtype=torch.float32)
             return
+        if self._is_single_update(rows):
+            # One optimizer step over the whole batch: the "old" policy is exactly the one the update
+            # starts from, so its log-probs come free from the update's own forward pass (detached).
+            for row in rows:
+                row.old_logprobs = None
+            return
         self.policy.model.eval()
         for micro in self._micro_batches(rows):
             logprobs, _ = self.policy.per_token_logprobs(
@@ -190,6 +196,10 @@ class Trainer:
             )
             for i, row in enumerate(micro):
                 row.old_logprobs = logprobs[i, : len(row.response_ids)].cpu()
+
+    def _is_single_update(self, rows: Sequence[Row]) -> bool:
+        num_prompts = len({r.tree_id for r in rows})
+        return self.config.ppo_epochs == 1 and num_prompts <= self.config.mini_batch_prompts
 
     def _update(self, rows: Sequence[Row]) -> dict[str, float]:
         """One optimizer step over a mini-batch, accumulated over micro-batches (exact token-mean)."""
@@ -220,7 +230,10 @@ class Trainer:
         )
         old = torch.zeros_like(logprobs)  # (B, T)
         for i, row in enumerate(micro):
-            old[i, : len(row.response_ids)] = row.old_logprobs.to(old.device)
+            if row.old_logprobs is None:  # single update: old policy == current weights
+                old[i] = logprobs[i].detach()
+            else:
+                old[i, : len(row.response_ids)] = row.old_logprobs.to(old.device)
         advantages = torch.tensor([r.advantage for r in micro], device=mask.device)[:, None] * mask  # (B, T)
         loss, metrics = dapo_policy_loss(
             logprobs,
