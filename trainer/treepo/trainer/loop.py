@@ -39,10 +39,20 @@ StepCallback = Callable[[dict[str, Any]], None]
 def tree_params(config: TrainConfig) -> TreeParams:
     """The feeder's tree shape; `sequential` = `width` independent chains (no shared prefix)."""
     if config.sampling_mode == "sequential":
-        return TreeParams(width=config.width, init_branch=config.width, branch=1,
-                          segment_tokens=config.segment_tokens, max_depth=config.max_depth)  # fmt: skip
-    return TreeParams(width=config.width, branch=config.branch, init_branch=config.branch,
-                      segment_tokens=config.segment_tokens, max_depth=config.max_depth)  # fmt: skip
+        return TreeParams(
+            width=config.width,
+            init_branch=config.width,
+            branch=1,
+            segment_tokens=config.segment_tokens,
+            max_depth=config.max_depth,
+        )
+    return TreeParams(
+        width=config.width,
+        branch=config.branch,
+        init_branch=config.branch,
+        segment_tokens=config.segment_tokens,
+        max_depth=config.max_depth,
+    )
 
 
 @dataclass(slots=True)
@@ -97,9 +107,11 @@ class TrainingRun:
         while len(batch.trees) < self.config.prompts_per_step:
             self.feeder.check()
             more = self.consumer.assemble_batch(
-                self.config.prompts_per_step - len(batch.trees), self.reward_fn,
-                current_version=self.state.policy_version, timeout_s=2.0,
-            )  # fmt: skip
+                self.config.prompts_per_step - len(batch.trees),
+                self.reward_fn,
+                current_version=self.state.policy_version,
+                timeout_s=2.0,
+            )
             batch.trees += more.trees
             batch.counts.add(more.counts)
             if more.counts.num_read:
@@ -122,8 +134,14 @@ class TrainingRun:
             return None
         started = time.perf_counter()
         root = Path(self.config.output_dir) / "checkpoints"
-        save_checkpoint(root, self.policy.model, self.trainer.optimizer, self.trainer.scheduler, self.state,
-                        keep=self.config.keep_checkpoints)  # fmt: skip
+        save_checkpoint(
+            root,
+            self.policy.model,
+            self.trainer.optimizer,
+            self.trainer.scheduler,
+            self.state,
+            keep=self.config.keep_checkpoints,
+        )
         self.consumer.commit(self.state.entry_ids, self.state.tree_ids)  # XACK only now
         self.state.entry_ids, self.state.tree_ids = [], []
         return time.perf_counter() - started
@@ -157,8 +175,14 @@ def build_run(config: TrainConfig, *, resume: bool = False, log_every_push: bool
     trainer = Trainer(policy, config)
     client = TreePOClient(config.service_url, token=config.api_token)
     claim_idle_ms = max(1, int(config.claim_idle_s * 1000))
-    stream = TreeStream(config.redis_url, config.group, config.consumer, config.key_prefix, block_ms=500,
-                        claim_idle_ms=claim_idle_ms)  # fmt: skip
+    stream = TreeStream(
+        config.redis_url,
+        config.group,
+        config.consumer,
+        config.key_prefix,
+        block_ms=500,
+        claim_idle_ms=claim_idle_ms,
+    )
     stream.ensure_group()
     overlong = (
         OverlongPenalty(config.max_new_tokens, config.overlong_buffer, config.overlong_factor)
@@ -174,8 +198,19 @@ def build_run(config: TrainConfig, *, resume: bool = False, log_every_push: bool
     if config.metrics_port is not None:
         prometheus.serve(config.metrics_port)
     log = MetricsLog(Path(config.output_dir) / "metrics.jsonl")
-    return TrainingRun(config, policy, trainer, client, consumer, feeder, pusher, log, prometheus,
-                       load_reward(config.reward), state)  # fmt: skip
+    return TrainingRun(
+        config,
+        policy,
+        trainer,
+        client,
+        consumer,
+        feeder,
+        pusher,
+        log,
+        prometheus,
+        load_reward(config.reward),
+        state,
+    )
 
 
 def _default_model() -> str:
@@ -210,10 +245,15 @@ def _sync_service_version(
 
 def _build_feeder(config: TrainConfig, client: TreePOClient, state: TrainerState) -> Feeder:
     sampling = SamplingParams(temperature=config.temperature, max_new_tokens=config.max_new_tokens)
-    request = FeedRequest(tree_params(config), sampling, prompts_per_request=min(8, config.prompts_per_step),
-                          seed=config.seed * 7919 + state.step)  # fmt: skip
+    request = FeedRequest(
+        tree_params(config),
+        sampling,
+        prompts_per_request=min(8, config.prompts_per_step),
+        seed=config.seed * 7919 + state.step,
+    )
     problems = iter_problems("train", seed=config.seed * 7919 + state.step)
     progress = StreamProgress(config.redis_url, config.key_prefix, config.group)
     target = config.inflight_batches * config.prompts_per_step
-    return Feeder(TreePOClient(config.service_url, token=config.api_token), problems, request, progress,
-                  target=target)  # fmt: skip
+    return Feeder(
+        TreePOClient(config.service_url, token=config.api_token), problems, request, progress, target=target
+    )

@@ -1,0 +1,76 @@
+"""The demo end to end (real Redis, a real `treepo serve` subprocess, the shipped tiny model), and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import redis
+from typer.testing import CliRunner
+
+from treepo.service.cli import app
+from treepo.trainer.demo import DemoOptions, run_demo
+from treepo.trainer.services import LOCAL_REDIS, ensure_redis
+
+FAST = dict(width=4, prompts_per_step=4, mini_batch_prompts=4, segment_tokens=32, max_depth=5)
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_in_fast_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    events: list[tuple[str, dict]] = []
+    options = DemoOptions(steps=2, seed=3, output_dir=tmp_path, name="fast", eval_problems=8, eval_samples=2,
+                          overrides=FAST)  # fmt: skip
+    result = run_demo(options, on_event=lambda kind, payload: events.append((kind, payload)))
+
+    run_dir = tmp_path / "fast"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary == result.summary
+    assert summary["steps"] == 2 and summary["eval"]["samples"] == 16
+    assert 0 <= summary["accuracy_before"] <= 1 and 0 <= summary["accuracy_after"] <= 1
+    assert summary["eval"]["policy_version_after"] == 2, "the after-eval samples the pushed weights"
+    assert 0 < summary["tokens_decoded_tree"] < summary["tokens_independent"], "the tree shares prefixes"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert {
+        "loss",
+        "clip_frac",
+        "reward_mean",
+        "accuracy",
+        "response_length_mean",
+        "advantage_std",
+        "filtered_prompts",
+        "staleness_mean",
+        "decoded_tokens",
+        "independent_tokens",
+    } <= records[0].keys()
+    assert (run_dir / "training.png").stat().st_size > 10_000
+    assert [kind for kind, _ in events].count("step") == 2
+    assert dict(events)["redis"]["origin"] == "local"
+    leftover = redis.Redis.from_url(LOCAL_REDIS).keys("treepo-demo-*")
+    assert not [k for k in leftover if k.decode().endswith(":trees")], "the demo's keys are cleaned up"
+
+
+def test_ensure_redis_prefers_redis_url(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("REDIS_URL", LOCAL_REDIS)
+    assert ensure_redis(tmp_path).origin == "REDIS_URL"
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    with pytest.raises(RuntimeError, match="does not answer"):
+        ensure_redis(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["demo", "--steps", "0"], "must be >= 1"),
+        (["train", "--advantage", "ppo"], "expected one of treepo, grpo"),
+        (["train", "--lr", "0"], "lr must be > 0"),
+        (["bench", "train", "--variants", "ppo"], "unknown variants"),
+    ],
+)
+def test_cli_rejects_bad_options(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    flat = " ".join(result.output.replace("│", " ").split())  # rich wraps the message in a box
+    assert message in flat
