@@ -332,3 +332,22 @@ async def test_tree_sampler_runs_a_whole_tree_over_sglang(model_dirs, prefill_fi
     first_call_prefill = 16 + 2 if prefill_first else 2 * 16  # the 2 copies of the prompt at step 1
     assert stats.prefill_tokens <= first_call_prefill + stats.decoded_tokens
     assert all(len(n.logprobs) == len(n.token_ids) for n in tree.nodes)
+
+
+async def test_a_pushed_safetensors_file_is_loaded_as_a_model_dir(model_dirs, tmp_path) -> None:
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM
+
+    pushed = tmp_path / "policy-v0000002.safetensors"
+    save_model(AutoModelForCausalLM.from_pretrained(model_dirs[1]), str(pushed))
+    state = StandinState(tokens=ModelTokens(str(model_dirs[0])), weight_version="0")
+    with serve(state, port()) as url:
+        async with engine_for(url, model_path=model_dirs[0]) as engine:
+            await engine.update_weights(str(pushed), 2)
+        async with engine_for(url) as engine:  # no model_path: nothing to build the directory from
+            with pytest.raises(ValueError, match="SGLang loads a model directory"):
+                await engine.update_weights(str(pushed), 3)
+    loaded = Path(state.weight_updates[0]["model_path"])
+    assert loaded == tmp_path / ".policy-v0000002.sglang"
+    assert (loaded / "model.safetensors").resolve() == pushed and (loaded / "config.json").exists()
+    assert state.weight_version == "2" and state.tokens.model_path == str(loaded)

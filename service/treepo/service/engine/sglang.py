@@ -31,6 +31,7 @@ from treepo.service.engine.sglang_wire import (
     parse_item,
     raise_for_status,
     read_model_limits,
+    sglang_model_dir,
     warmup_item,
 )
 
@@ -83,6 +84,7 @@ class SGLangEngine:
         use_health_generate: bool = False,
     ) -> None:
         self.base_urls = check_urls(base_urls)
+        self.model_path = Path(model_path) if model_path is not None else None
         if eos_token_ids is None or max_context is None:
             config_eos, config_context = read_model_limits(model_path)
             eos_token_ids = config_eos if eos_token_ids is None else eos_token_ids
@@ -147,9 +149,14 @@ class SGLangEngine:
         return [output for output in outputs if output is not None]
 
     async def update_weights(self, path: str, version: int) -> None:
-        """Load `path` (a model directory every worker can read) on every worker; flushes their caches."""
+        """Load `path` on every worker (which must see it at the same path); flushes their caches.
+
+        `path` is a Hugging Face model directory, or one .safetensors file (what `treepo train` pushes):
+        SGLang loads directories, so the file gets one beside it (see `sglang_model_dir`).
+        """
+        model_dir = sglang_model_dir(Path(path), self.model_path)
         results = await asyncio.gather(
-            *(self._update_worker(worker, str(path), version) for worker in range(len(self.base_urls))),
+            *(self._update_worker(worker, model_dir, version) for worker in range(len(self.base_urls))),
             return_exceptions=True,
         )
         for known in self._known_cached:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,3 +166,28 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise ValueError(f"{path} not found: model_path must be a local Hugging Face model directory")
     return json.loads(path.read_text())
+
+
+def sglang_model_dir(path: Path, model_path: Path | None) -> str:
+    """A directory SGLang's /update_weights_from_disk can load for `path`.
+
+    A directory (or a path only the workers can see) goes as it is. A single .safetensors file gets a
+    sibling directory `.<stem>.sglang/` holding the served model's config files and a relative link
+    `model.safetensors -> ../<file>`, so it resolves on any host that mounts the weights directory.
+    """
+    if not path.is_file():
+        return str(path)
+    if path.suffix != ".safetensors" or model_path is None:
+        raise ValueError(
+            f"{path} is a file: SGLang loads a model directory, or a .safetensors file when the engine was "
+            "given model_path (whose config.json goes beside it)"
+        )
+    target = path.with_name(f".{path.stem}.sglang")
+    target.mkdir(exist_ok=True)
+    for name in ("config.json", "generation_config.json"):
+        if (model_path / name).exists():
+            shutil.copyfile(model_path / name, target / name)
+    link = target / "model.safetensors"
+    if not link.is_symlink():
+        link.symlink_to(Path("..") / path.name)
+    return str(target)
