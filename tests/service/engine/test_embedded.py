@@ -233,11 +233,12 @@ def test_rejects_a_path_without_a_model(tmp_path):
 
 async def test_a_prefix_shared_within_one_call_is_computed_once(engine, reference_model):
     prefix = list(range(3, 33))  # 30 tokens, not cached yet
-    batch = [[*prefix, 40 + i] for i in range(4)] + [prefix, [50, 51]]
+    copies = list(range(50, 60))  # two identical prompts (TreePO's init_branch copies)
+    batch = [[*prefix, 40 + i] for i in range(4)] + [copies, [61, 62], copies]
     before = engine.num_computed_tokens
     outs = await engine.generate([greedy(p, 3) for p in batch])
     prefill = sum(o.prefill_tokens for o in outs)
-    assert prefill == len(prefix) + 4 + 1 + 2  # the prefix once, then each row's own last tokens
+    assert prefill == len(prefix) + 4 + len(copies) + 1 + 2  # shared parts once, then each row's last token
     assert sum(o.cached_tokens for o in outs) + prefill == sum(len(p) for p in batch)
     decoded = sum(len(o.output_ids) - 1 for o in outs)  # the last sampled token is never fed back
     assert engine.num_computed_tokens - before == prefill + decoded

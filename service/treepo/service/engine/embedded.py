@@ -54,7 +54,9 @@ class EmbeddedEngine:
         dtype: torch.dtype | None = None,
         max_cache_tokens: int = 65_536,
         max_batch_size: int = 64,
+        eos_token_ids: Sequence[int] | None = None,
     ) -> None:
+        """`eos_token_ids` overrides the generation config (`()`: never stop on EOS, for benchmarks)."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1 (got {max_batch_size})")
         self.model = _load_model(model_path, device, dtype)
@@ -64,13 +66,12 @@ class EmbeddedEngine:
         config = self.model.config.get_text_config(decoder=True)
         self.vocab_size = int(config.vocab_size)
         self._max_context = int(getattr(config, "max_position_embeddings", 0) or 1_000_000)
-        self._eos = _eos_token_ids(self.model)
+        self._eos = tuple(eos_token_ids) if eos_token_ids is not None else _eos_token_ids(self.model)
         pad = getattr(self.model.generation_config, "pad_token_id", None)
+        pad = pad if pad is not None else (*self._eos, 0)[0]  # any id: padded positions are masked
         self.pool = KVPool(max_cache_tokens, device=self.device)
         self.radix = RadixCache(on_evict=self.pool.free)
-        self.runner = ModelRunner(
-            self.model, self.pool, pad_token_id=pad if pad is not None else self._eos[0]
-        )
+        self.runner = ModelRunner(self.model, self.pool, pad_token_id=pad)
         self.counters = EngineCounters()
         self._version = 0
         self._lock = asyncio.Lock()
@@ -177,28 +178,27 @@ class EmbeddedEngine:
         """Compute once the uncached prefixes requests share; returns (tokens per owner, locked nodes)."""
         inputs = [list(request.input_ids) for request in requests]
         cached = [min(self.radix.match_prefix(ids).length, len(ids) - 1) for ids in inputs]
-        groups = shared_prefixes(inputs, cached, min_tokens=self.min_shared_prefix_tokens)
-        if not groups:
-            return {}, []
-        matches = [self.radix.match_prefix(group.token_ids) for group in groups]
-        rows = [
-            RowInput(group.token_ids, match.indices[: len(group.token_ids) - 1], 1, frozenset())
-            for group, match in zip(groups, matches, strict=True)
-        ]
-        for match in matches:
-            self.radix.inc_lock_ref(match.last_node)
-        try:
-            self.runner.prefill(rows, lambda _, ids, kv: self._store(ids, kv))
-        finally:
+        computed: dict[int, int] = {}
+        locked: list[TreeNode] = []
+        for level in shared_prefixes(inputs, cached, min_tokens=self.min_shared_prefix_tokens):
+            matches = [self.radix.match_prefix(group.token_ids) for group in level]
+            rows = [
+                RowInput(group.token_ids, match.indices[: len(group.token_ids) - 1], 1, frozenset())
+                for group, match in zip(level, matches, strict=True)
+            ]
             for match in matches:
-                self.radix.dec_lock_ref(match.last_node)
-        locked = [self.radix.match_prefix(group.token_ids).last_node for group in groups]
-        for node in locked:  # keep them until the batch has locked its own matches
-            self.radix.inc_lock_ref(node)
-        computed = {
-            group.owner: len(row.input_ids) - int(row.cached_slots.numel())
-            for group, row in zip(groups, rows, strict=True)
-        }
+                self.radix.inc_lock_ref(match.last_node)
+            try:
+                self.runner.prefill(rows, lambda _, ids, kv: self._store(ids, kv))
+            finally:
+                for match in matches:
+                    self.radix.dec_lock_ref(match.last_node)
+            for group, row in zip(level, rows, strict=True):
+                new_tokens = len(row.input_ids) - int(row.cached_slots.numel())
+                computed[group.owner] = computed.get(group.owner, 0) + new_tokens
+                node = self.radix.match_prefix(group.token_ids).last_node
+                self.radix.inc_lock_ref(node)  # kept until the batch has locked its own matches
+                locked.append(node)
         return computed, locked
 
     def _store(self, token_ids: list[int], kv: RowKV) -> None:

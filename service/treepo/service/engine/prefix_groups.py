@@ -2,9 +2,10 @@
 
 The radix cache only helps across calls. Within a call, TreePO sends e.g. several copies of a fresh
 prompt (init_branch) or siblings whose common parent was evicted; without this step each row would
-prefill the shared tokens again. We find, per request, the longest prefix it shares with any other
-request (sorted order: the longest shared prefix is with a neighbour), keep the maximal ones, and
-let the engine prefill them first so every request of the call then finds them in the cache.
+prefill the shared tokens again. The prefixes shared by requests are the longest common prefixes of
+neighbours in sorted order (the branch points of the call's token trie). They nest, so they come in
+levels: level 0 has no shared ancestor, level k extends one of level k - 1. The engine prefills level
+by level, each pass reusing the KV the previous one inserted, so every shared token is computed once.
 """
 
 from __future__ import annotations
@@ -19,27 +20,36 @@ class SharedPrefix:
     owner: int  # the request the computation is accounted to (its reported cached_tokens shrink)
 
 
-def shared_prefixes(inputs: list[list[int]], cached: list[int], *, min_tokens: int = 4) -> list[SharedPrefix]:
-    """Maximal uncached prefixes shared by >= 2 requests and longer than `cached` by >= `min_tokens`.
+def shared_prefixes(
+    inputs: list[list[int]], cached: list[int], *, min_tokens: int = 4
+) -> list[list[SharedPrefix]]:
+    """Levels of shared prefixes worth computing first (each adds >= `min_tokens` to what is cached).
 
-    A shared prefix stops one token short of each request's input (that token gives the request's
-    logits), and nested shared prefixes are dropped: computing the longest also caches the shorter.
+    A shared prefix stops one token short of each input that shares it (that last token gives the
+    request's logits). `cached` is how much of each input the cache holds already.
     """
     assert len(inputs) == len(cached), f"{len(inputs)=} {len(cached)=}"
+    owners: dict[tuple[int, ...], int] = {}
     order = sorted(range(len(inputs)), key=lambda i: inputs[i])
-    shared = [0] * len(inputs)
     for a, b in pairwise(order):
-        common = _common_length(inputs[a], inputs[b])
-        shared[a], shared[b] = max(shared[a], common), max(shared[b], common)
-    candidates: dict[tuple[int, ...], int] = {}
-    for i in order:
-        length = min(shared[i], len(inputs[i]) - 1)
-        if length - cached[i] >= min_tokens:
-            prefix = tuple(inputs[i][:length])
-            candidates[prefix] = min(candidates.get(prefix, i), i)
-    keys = sorted(candidates)
-    maximal = [k for k, nxt in zip(keys, [*keys[1:], ()], strict=False) if nxt[: len(k)] != k]
-    return [SharedPrefix(list(k), candidates[k]) for k in maximal]
+        length = min(_common_length(inputs[a], inputs[b]), len(inputs[a]) - 1, len(inputs[b]) - 1)
+        if length > 0:
+            prefix = tuple(inputs[a][:length])
+            owners[prefix] = min(owners.get(prefix, a), a, b)
+    levels: list[list[SharedPrefix]] = []
+    chain: list[tuple[int, ...]] = []  # kept shared prefixes that are prefixes of the current key
+    for key in sorted(owners):  # a prefix sorts right before its extensions
+        while chain and key[: len(chain[-1])] != chain[-1]:
+            chain.pop()
+        owner = owners[key]
+        base = max(len(chain[-1]) if chain else 0, min(cached[owner], len(key)))
+        if len(key) - base < min_tokens:
+            continue
+        if len(levels) == len(chain):
+            levels.append([])
+        levels[len(chain)].append(SharedPrefix(list(key), owner))
+        chain.append(key)
+    return levels
 
 
 def _common_length(a: list[int], b: list[int]) -> int:
