@@ -166,3 +166,23 @@ def test_single_update_shortcut_equals_an_explicit_recompute(monkeypatch: pytest
         assert (rows[0].old_logprobs is None) == shortcut
         results.append(torch.cat([p.detach().flatten() for p in policy.model.parameters()]))
     torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=1e-5)
+
+
+def test_prometheus_series_follow_the_step_records(tmp_path) -> None:
+    from prometheus_client import generate_latest
+
+    from treepo.trainer.metrics import MetricsLog, TrainerMetrics
+
+    metrics, log = TrainerMetrics(), MetricsLog(tmp_path / "metrics.jsonl")
+    for step in (1, 2):
+        record = {"step": step, "reward_mean": 0.5, "accuracy": 0.75, "loss": -0.1, "filtered_prompts": 3,
+                  "stale_trees": 1, "trees_consumed": 20, "step_s": 4.0, "weight_push_s": 0.2}  # fmt: skip
+        metrics.observe_step(record)
+        log.append(record)
+    text = generate_latest(metrics.registry).decode()
+    for line in ("treepo_trainer_steps_total 2.0", "treepo_trainer_accuracy 0.75",
+                 "treepo_trainer_filtered_prompts_total 6.0", "treepo_trainer_stale_trees_total 2.0",
+                 "treepo_trainer_trees_consumed_total 40.0", "treepo_trainer_step_duration_seconds_count 2.0",
+                 "treepo_trainer_weight_push_duration_seconds_count 2.0"):  # fmt: skip
+        assert line in text
+    assert [r["step"] for r in log.read()] == [1, 2]
