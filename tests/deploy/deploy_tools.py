@@ -1,0 +1,62 @@
+"""Helpers of the deployment checks: deploy files, external linters, exported metric names."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+DASHBOARDS = sorted((DEPLOY / "grafana" / "dashboards").glob("*.json"))
+METRIC_NAME = re.compile(r"\b(treepo_[a-z0-9_]+)\b")
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h"}
+
+
+def tool(name: str, install_hint: str) -> str:
+    """Path of an external checker (PATH or this venv's bin), else skip the test saying how to install it."""
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if found is None:
+        pytest.skip(f"{name} is not installed ({install_hint})")
+    return found
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run a checker from the repo root; a failure shows its own output."""
+    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def exported_metric_names() -> set[str]:
+    """Every series name the service and the trainer can expose (counter _total, histogram _bucket...)."""
+    from treepo.service.metrics import ServiceMetrics
+    from treepo.trainer.metrics import TrainerMetrics
+
+    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+    names = set()
+    for registry in (ServiceMetrics().registry, TrainerMetrics().registry):
+        for family in registry.collect():
+            names |= {family.name + suffix for suffix in suffixes[family.type]}
+    return names
+
+
+def dashboard_exprs() -> list[tuple[str, str, str]]:
+    """(dashboard file, panel title, PromQL) for every target of every dashboard."""
+    found = []
+    for path in DASHBOARDS:
+        for panel in json.loads(path.read_text())["panels"]:
+            found += [(path.name, panel["title"], target["expr"]) for target in panel.get("targets", [])]
+    return found
+
+
+def as_promql(expr: str) -> str:
+    """A Grafana expression with its template variables replaced, as Prometheus would receive it."""
+    for variable, value in GRAFANA_VARIABLES.items():
+        expr = expr.replace(variable, value)
+    return expr
