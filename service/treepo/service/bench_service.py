@@ -27,7 +27,7 @@ class Workload:
     repeats: int
 
     def texts(self, round_index: int) -> list[str]:
-        """Fresh arithmetic prompts per round, so no round finds the previous one in the prefix cache."""
+        """Fresh arithmetic prompts per round: no round finds an earlier one in the prefix cache."""
         return [
             f"{10 + (round_index * 37 + i) % 90}+{10 + (i * 13) % 90}-{round_index % 10}="
             for i in range(self.num_prompts)
@@ -35,30 +35,44 @@ class Workload:
 
 
 @dataclass(slots=True)
+class Timed:
+    seconds: float
+    decoded_tokens: int  # equal on both sides of a pair when both sampled the same trees
+
+
+@dataclass(slots=True)
 class BenchResult:
     engine: str
     workload: dict[str, Any]
-    direct_s: list[float] = field(default_factory=list)
-    queue_s: list[float] = field(default_factory=list)
-    inline_s: list[float] = field(default_factory=list)
+    pairs: dict[str, list[dict[str, float]]] = field(default_factory=lambda: {"queue": [], "inline": []})
     throughput: list[dict[str, float]] = field(default_factory=list)
 
-    def summary(self) -> dict[str, float]:
-        direct, queue, inline = (statistics.median(x) for x in (self.direct_s, self.queue_s, self.inline_s))
-        return {
-            "direct_median_s": direct,
-            "queue_median_s": queue,
-            "inline_median_s": inline,
-            "queue_overhead": queue / direct - 1,
-            "inline_overhead": inline / direct - 1,
-        }
+    def add_pair(self, mode: str, direct: Timed, service: Timed) -> None:
+        self.pairs[mode].append(
+            {
+                "direct_s": direct.seconds,
+                "service_s": service.seconds,
+                "direct_tokens": direct.decoded_tokens,
+                "service_tokens": service.decoded_tokens,
+            }
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """Per mode: medians, and the median of the per-pair ratios (pairs sampled the same trees)."""
+        out: dict[str, Any] = {}
+        for mode, pairs in self.pairs.items():
+            out[f"{mode}_direct_median_s"] = statistics.median(p["direct_s"] for p in pairs)
+            out[f"{mode}_service_median_s"] = statistics.median(p["service_s"] for p in pairs)
+            out[f"{mode}_overhead"] = statistics.median(p["service_s"] / p["direct_s"] for p in pairs) - 1
+            out[f"{mode}_same_trees"] = all(p["direct_tokens"] == p["service_tokens"] for p in pairs)
+        return out
 
 
-async def _direct(sampler: Any, codec: Any, workload: Workload, texts: list[str]) -> float:
+async def _direct(sampler: Any, codec: Any, workload: Workload, texts: list[str]) -> Timed:
     """The same trees with no HTTP and no Redis: one sample() per prompt over a batching engine."""
     seed = workload.sampling.seed or 0
     started = time.perf_counter()
-    await asyncio.gather(
+    trees = await asyncio.gather(
         *(
             sampler.sample(
                 codec.encode(text), workload.tree, workload.sampling, seed=seed + i, prompt_text=text
@@ -66,35 +80,38 @@ async def _direct(sampler: Any, codec: Any, workload: Workload, texts: list[str]
             for i, text in enumerate(texts)
         )
     )
-    return time.perf_counter() - started
+    return Timed(time.perf_counter() - started, sum(tree.stats.decoded_tokens for tree in trees))
 
 
-def _via_queue(client: Any, redis: Any, stream: str, workload: Workload, texts: list[str]) -> float:
+def _via_queue(client: Any, redis: Any, stream: str, workload: Workload, texts: list[str]) -> Timed:
     """POST delivery=queue, then wait until every tree is readable from the stream (XREAD)."""
     last = redis.xrevrange(stream, count=1)
     cursor = last[0][0] if last else "0-0"
     started = time.perf_counter()
     accepted = client.rollout_tree(texts, tree=workload.tree, sampling=workload.sampling, delivery="queue")
-    missing = set(accepted.tree_ids)
+    missing, decoded = set(accepted.tree_ids), 0
     while missing:
         for _, entries in redis.xread({stream: cursor}, block=1000) or []:
             for entry_id, fields in entries:
                 cursor = entry_id
-                missing.discard(json.loads(fields["tree"])["tree_id"])
-    return time.perf_counter() - started
+                tree = json.loads(fields["tree"])
+                if tree["tree_id"] in missing:
+                    missing.discard(tree["tree_id"])
+                    decoded += tree["stats"]["decoded_tokens"]
+    return Timed(time.perf_counter() - started, decoded)
 
 
-def _via_inline(client: Any, workload: Workload, texts: list[str]) -> float:
+def _via_inline(client: Any, workload: Workload, texts: list[str]) -> Timed:
     started = time.perf_counter()
-    client.rollout_tree(texts, tree=workload.tree, sampling=workload.sampling)
-    return time.perf_counter() - started
+    answer = client.rollout_tree(texts, tree=workload.tree, sampling=workload.sampling)
+    return Timed(time.perf_counter() - started, sum(tree.stats.decoded_tokens for tree in answer.trees))
 
 
 async def _throughput(url: str, workload: Workload, num_clients: int, metrics: Any) -> dict[str, float]:
     """`num_clients` clients, each sending its share of `num_prompts` one-prompt requests back to back."""
     from treepo.client import AsyncTreePOClient
 
-    calls_before, batch_before = _engine_counters(metrics)
+    calls_before, batch_before, tokens_before = _engine_counters(metrics)
     per_client = max(1, workload.num_prompts // num_clients)
 
     async def one_client(index: int) -> int:
@@ -109,7 +126,7 @@ async def _throughput(url: str, workload: Workload, num_clients: int, metrics: A
     started = time.perf_counter()
     leaves = sum(await asyncio.gather(*(one_client(i) for i in range(num_clients))))
     wall = time.perf_counter() - started
-    calls, batch = _engine_counters(metrics)
+    calls, batch, tokens = _engine_counters(metrics)
     num_trees = per_client * num_clients
     return {
         "clients": num_clients,
@@ -117,15 +134,19 @@ async def _throughput(url: str, workload: Workload, num_clients: int, metrics: A
         "wall_s": wall,
         "trees_per_s": num_trees / wall,
         "trajectories_per_s": leaves / wall,
+        "decoded_tokens_per_s": (tokens - tokens_before) / wall,
         "mean_engine_batch": (batch - batch_before) / max(1, calls - calls_before),
     }
 
 
-def _engine_counters(metrics: Any) -> tuple[float, float]:
-    registry = metrics.registry
-    calls = registry.get_sample_value("treepo_engine_calls_total") or 0.0
-    batch = registry.get_sample_value("treepo_engine_batch_size_requests_sum") or 0.0
-    return calls, batch
+def _engine_counters(metrics: Any) -> tuple[float, float, float]:
+    names = (
+        "treepo_engine_calls_total",
+        "treepo_engine_batch_size_requests_sum",
+        "treepo_decoded_tokens_total",
+    )
+    calls, batch, tokens = (metrics.registry.get_sample_value(name) or 0.0 for name in names)
+    return calls, batch, tokens
 
 
 def _free_port() -> int:
@@ -135,7 +156,7 @@ def _free_port() -> int:
 
 
 def run_bench(settings: Any, workload: Workload) -> BenchResult:
-    """Alternate direct / queue / inline rounds (drift cancels out), then the concurrency sweep."""
+    """Pairs of (sampler direct, service) on the same prompts and seeds, then the concurrency sweep."""
     import redis as redis_sync
 
     from treepo.client import TreePOClient
@@ -145,27 +166,34 @@ def run_bench(settings: Any, workload: Workload) -> BenchResult:
     from treepo.service.sampler import TreeSampler
     from treepo.service.server import BackgroundServer
 
-    engine, codec = build_engine(settings)
+    engine, codec = build_engine(settings)  # the direct side's own engine: both sides start cold
     sampler = TreeSampler(BatchingEngine(engine, max_batch_size=settings.max_batch_size), codec.decode)
     app = create_app(settings)
-    result = BenchResult(
-        settings.engine,
-        {
-            "num_prompts": workload.num_prompts,
-            "repeats": workload.repeats,
-            "tree": workload.tree.model_dump(mode="json"),
-        },
-    )
+    shape = {
+        "num_prompts": workload.num_prompts,
+        "repeats": workload.repeats,
+        "tree": workload.tree.model_dump(mode="json"),
+    }
+    result = BenchResult(settings.engine, shape)
     with BackgroundServer(app, port=settings.port) as server, TreePOClient(server.url) as client:
         redis = redis_sync.Redis.from_url(settings.redis_url, decode_responses=True)
         _wait_ready(client)
-        stream = f"{settings.key_prefix}:trees"
+        services = {
+            "queue": lambda texts: _via_queue(client, redis, f"{settings.key_prefix}:trees", workload, texts),
+            "inline": lambda texts: _via_inline(client, workload, texts),
+        }
         asyncio.run(_direct(sampler, codec, workload, workload.texts(999)))  # warm-up, both sides
-        _via_inline(client, workload, workload.texts(998))
+        services["inline"](workload.texts(998))
         for r in range(workload.repeats):
-            result.direct_s.append(asyncio.run(_direct(sampler, codec, workload, workload.texts(3 * r))))
-            result.queue_s.append(_via_queue(client, redis, stream, workload, workload.texts(3 * r + 1)))
-            result.inline_s.append(_via_inline(client, workload, workload.texts(3 * r + 2)))
+            for k, (mode, via_service) in enumerate(services.items()):
+                texts = workload.texts(2 * r + k)
+                if r % 2:  # alternate which side goes first: load drift cancels out
+                    service_side = via_service(texts)
+                    direct = asyncio.run(_direct(sampler, codec, workload, texts))
+                else:
+                    direct = asyncio.run(_direct(sampler, codec, workload, texts))
+                    service_side = via_service(texts)
+                result.add_pair(mode, direct, service_side)
         for num_clients in (1, 4, 16):
             result.throughput.append(
                 asyncio.run(_throughput(server.url, workload, num_clients, app.state.metrics))
@@ -236,24 +264,35 @@ def _print_table(result: BenchResult) -> None:
     from rich.table import Table
 
     summary = result.summary()
-    table = Table(
-        title=f"treepo bench service ({result.engine} engine, {result.workload['num_prompts']} prompts)"
+    title = (
+        f"treepo bench service ({result.engine} engine, {result.workload['num_prompts']} prompts per request)"
     )
-    for column in ("path", "median s", "overhead vs direct"):
+    table = Table(title=title)
+    for column in (
+        "service path",
+        "direct median s",
+        "service median s",
+        "overhead (median ratio)",
+        "same trees",
+    ):
         table.add_column(column)
-    table.add_row("sampler direct", f"{summary['direct_median_s']:.3f}", "-")
-    table.add_row(
-        "HTTP + Redis queue", f"{summary['queue_median_s']:.3f}", f"{summary['queue_overhead']:+.1%}"
-    )
-    table.add_row("HTTP inline", f"{summary['inline_median_s']:.3f}", f"{summary['inline_overhead']:+.1%}")
-    sweep = Table(title="throughput (one-prompt inline requests)")
-    for column in ("clients", "trees/s", "trajectories/s", "mean engine batch"):
+    for mode, label in (("queue", "HTTP + Redis queue"), ("inline", "HTTP inline")):
+        table.add_row(
+            label,
+            f"{summary[f'{mode}_direct_median_s']:.3f}",
+            f"{summary[f'{mode}_service_median_s']:.3f}",
+            f"{summary[f'{mode}_overhead']:+.1%}",
+            str(summary[f"{mode}_same_trees"]),
+        )
+    sweep = Table(title="throughput (one-prompt inline requests, back to back per client)")
+    for column in ("clients", "trees/s", "trajectories/s", "decoded tokens/s", "mean engine batch"):
         sweep.add_column(column)
     for row in result.throughput:
         sweep.add_row(
             str(row["clients"]),
             f"{row['trees_per_s']:.2f}",
             f"{row['trajectories_per_s']:.1f}",
+            f"{row['decoded_tokens_per_s']:.0f}",
             f"{row['mean_engine_batch']:.1f}",
         )
     console = Console()
