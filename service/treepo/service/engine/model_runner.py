@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 from transformers import DynamicCache
 
+from treepo.service.engine.batch_cache import batch_cache
 from treepo.service.engine.kv_pool import PAD_SLOT, KVPool
 from treepo.service.engine.token_sampling import SamplingBatch, sample_next
 
@@ -94,6 +95,7 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.num_layers = int(model.config.get_text_config(decoder=True).num_hidden_layers)
         self.num_computed_tokens = 0  # real (non-pad) tokens passed through the model, prefill + decode
 
     # Public API
@@ -104,7 +106,7 @@ class ModelRunner:
     ) -> list[RowResult]:
         """Decode every row to a stop token or its max_new_tokens; KV of each row goes to `on_finish`."""
         results = [RowResult() for _ in rows]
-        cache, mask, logits = self._prefill(rows)
+        cache, mask, logits = self._prefill(rows, max(row.max_new_tokens for row in rows))
         positions = torch.tensor([len(row.input_ids) for row in rows], dtype=torch.int64, device=self.device)
         batch = _Batch(list(range(len(rows))), cache, mask, positions, sampling)
         while True:
@@ -120,13 +122,15 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill(self, rows: list[RowInput], on_finish: FinishCallback) -> None:
         """Compute the KV of every row's whole input (no decoding) and hand it to `on_finish`."""
-        cache, mask, _ = self._prefill(rows)
+        cache, mask, _ = self._prefill(rows, 0)
         for i, row in enumerate(rows):
             on_finish(i, row.input_ids, RowKV(cache, i, mask[i].nonzero().squeeze(1)))
 
     # Internal helpers
 
-    def _prefill(self, rows: list[RowInput]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+    def _prefill(
+        self, rows: list[RowInput], max_new_tokens: int
+    ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
         """Gather cached prefixes, run the suffixes; returns (cache, mask (B, T), last logits (B, V))."""
         cached = [int(row.cached_slots.numel()) for row in rows]
         suffixes = [row.input_ids[c:] for row, c in zip(rows, cached, strict=True)]
@@ -142,15 +146,16 @@ class ModelRunner:
             mask[i, prefix_len - c : prefix_len] = True
             mask[i, prefix_len + suffix_len - u :] = True
             slot_grid[i, prefix_len - c :] = row.cached_slots
-        cache = self._gathered_cache(slot_grid) if prefix_len else DynamicCache()
+        capacity = prefix_len + suffix_len + max_new_tokens
+        cache = batch_cache(self.num_layers, capacity, self._gather(slot_grid) if prefix_len else None)
         mask = mask.to(self.device)
         logits = self._forward(input_ids, mask, position_ids, cache, logits_to_keep=1)
         self.num_computed_tokens += sum(len(s) for s in suffixes)
         return cache, mask, logits
 
-    def _gathered_cache(self, slot_grid: torch.Tensor) -> DynamicCache:
+    def _gather(self, slot_grid: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         keys, values = self.pool.gather(slot_grid)  # (L, B, H, P, D) each
-        return DynamicCache(ddp_cache_data=list(zip(keys.unbind(0), values.unbind(0), strict=True)))
+        return list(zip(keys.unbind(0), values.unbind(0), strict=True))
 
     def _decode_step(self, batch: _Batch, tokens: torch.Tensor) -> torch.Tensor:
         ones = torch.ones((len(batch.rows), 1), dtype=torch.bool, device=self.device)
