@@ -39,10 +39,16 @@ def bench_engine(
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 1.0,
     repeats: Annotated[int, typer.Option(min=1, help="Timed runs of each; the median is reported.")] = 3,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0: torch's default).")] = 0,
     seed: int = 0,
 ) -> None:
     """Embedded engine tokens/s vs transformers generate, prefix-cache savings and peak memory."""
+    import torch
+
     from treepo.service.engine.embedded import EmbeddedEngine
+
+    if threads:
+        torch.set_num_threads(threads)
 
     path = _model_path(model)
     engine = EmbeddedEngine(path, device=device, max_batch_size=batch, eos_token_ids=())
