@@ -85,6 +85,9 @@ class TrainConfig:
     old_logprobs: OldLogprobSource = field(
         default="recompute", metadata={"help": "recompute (release) or take the sampler's logprobs."}
     )
+    max_gen_batches: int = _help(
+        "Give up when this many batches' worth of trees were read without filling one (release: 10).", 10
+    )
     # Bookkeeping.
     checkpoint_every: int = _help("Checkpoint (and then XACK) every k steps.", 50)
     push_every: int = _help("Push weights to the service every k steps (0 = never).", 1)
@@ -95,7 +98,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         positive = (
             "steps lr claim_idle_s ppo_epochs mini_batch_prompts micro_batch_rows prompts_per_step width "
-            "branch segment_tokens max_depth inflight_batches checkpoint_every keep_checkpoints"
+            "branch segment_tokens max_depth inflight_batches checkpoint_every keep_checkpoints "
+            "max_gen_batches"
         )
         for name in positive.split():
             if getattr(self, name) <= 0:

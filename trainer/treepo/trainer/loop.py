@@ -114,6 +114,7 @@ class TrainingRun:
             )
             batch.trees += more.trees
             batch.counts.add(more.counts)
+            self._check_not_all_filtered(batch)
             if more.counts.num_read:
                 last_progress = time.monotonic()
             elif time.monotonic() - last_progress > self.stall_timeout_s:
@@ -121,6 +122,18 @@ class TrainingRun:
                     f"no tree arrived for {self.stall_timeout_s:.0f}s; is the service sampling?"
                 )
         return batch
+
+    def _check_not_all_filtered(self, batch: Batch) -> None:
+        """DAPO's `max_num_gen_batches`: stop instead of sampling forever when nothing can be trained."""
+        limit = self.config.max_gen_batches * self.config.prompts_per_step
+        if len(batch.trees) < self.config.prompts_per_step and batch.counts.num_read > limit:
+            c = batch.counts
+            raise RuntimeError(
+                f"read {c.num_read} trees without filling a batch of {self.config.prompts_per_step} "
+                f"(all correct {c.num_all_correct}, all wrong {c.num_all_wrong}, stale {c.num_stale}): "
+                "the reward cannot tell the leaves apart; use a model that solves some but not all "
+                "problems, a wider tree, or a larger --max-staleness"
+            )
 
     def _maybe_push(self) -> float | None:
         every = self.config.push_every
