@@ -37,7 +37,18 @@ class Workload:
 @dataclass(slots=True)
 class Timed:
     seconds: float
+    cpu_s: float  # CPU time of this process (engine, server thread, client): robust to other load
     decoded_tokens: int  # equal on both sides of a pair when both sampled the same trees
+
+
+class _Clock:
+    """Wall and process CPU time since creation."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def stop(self, decoded_tokens: int) -> Timed:
+        return Timed(time.perf_counter() - self.wall, time.process_time() - self.cpu, decoded_tokens)
 
 
 @dataclass(slots=True)
@@ -52,6 +63,8 @@ class BenchResult:
             {
                 "direct_s": direct.seconds,
                 "service_s": service.seconds,
+                "direct_cpu_s": direct.cpu_s,
+                "service_cpu_s": service.cpu_s,
                 "direct_tokens": direct.decoded_tokens,
                 "service_tokens": service.decoded_tokens,
             }
@@ -64,6 +77,9 @@ class BenchResult:
             out[f"{mode}_direct_median_s"] = statistics.median(p["direct_s"] for p in pairs)
             out[f"{mode}_service_median_s"] = statistics.median(p["service_s"] for p in pairs)
             out[f"{mode}_overhead"] = statistics.median(p["service_s"] / p["direct_s"] for p in pairs) - 1
+            out[f"{mode}_cpu_overhead"] = (
+                statistics.median(p["service_cpu_s"] / p["direct_cpu_s"] for p in pairs) - 1
+            )
             out[f"{mode}_same_trees"] = all(p["direct_tokens"] == p["service_tokens"] for p in pairs)
         return out
 
@@ -71,7 +87,7 @@ class BenchResult:
 async def _direct(sampler: Any, codec: Any, workload: Workload, texts: list[str]) -> Timed:
     """The same trees with no HTTP and no Redis: one sample() per prompt over a batching engine."""
     seed = workload.sampling.seed or 0
-    started = time.perf_counter()
+    clock = _Clock()
     trees = await asyncio.gather(
         *(
             sampler.sample(
@@ -80,14 +96,14 @@ async def _direct(sampler: Any, codec: Any, workload: Workload, texts: list[str]
             for i, text in enumerate(texts)
         )
     )
-    return Timed(time.perf_counter() - started, sum(tree.stats.decoded_tokens for tree in trees))
+    return clock.stop(sum(tree.stats.decoded_tokens for tree in trees))
 
 
 def _via_queue(client: Any, redis: Any, stream: str, workload: Workload, texts: list[str]) -> Timed:
     """POST delivery=queue, then wait until every tree is readable from the stream (XREAD)."""
     last = redis.xrevrange(stream, count=1)
     cursor = last[0][0] if last else "0-0"
-    started = time.perf_counter()
+    clock = _Clock()
     accepted = client.rollout_tree(texts, tree=workload.tree, sampling=workload.sampling, delivery="queue")
     missing, decoded = set(accepted.tree_ids), 0
     while missing:
@@ -98,13 +114,13 @@ def _via_queue(client: Any, redis: Any, stream: str, workload: Workload, texts: 
                 if tree["tree_id"] in missing:
                     missing.discard(tree["tree_id"])
                     decoded += tree["stats"]["decoded_tokens"]
-    return Timed(time.perf_counter() - started, decoded)
+    return clock.stop(decoded)
 
 
 def _via_inline(client: Any, workload: Workload, texts: list[str]) -> Timed:
-    started = time.perf_counter()
+    clock = _Clock()
     answer = client.rollout_tree(texts, tree=workload.tree, sampling=workload.sampling)
-    return Timed(time.perf_counter() - started, sum(tree.stats.decoded_tokens for tree in answer.trees))
+    return clock.stop(sum(tree.stats.decoded_tokens for tree in answer.trees))
 
 
 async def _throughput(url: str, workload: Workload, num_clients: int, metrics: Any) -> dict[str, float]:
@@ -227,7 +243,7 @@ def bench_service(
     branch: Annotated[int, typer.Option(min=1)] = 2,
     segment_tokens: Annotated[int, typer.Option(min=1)] = 16,
     max_depth: Annotated[int, typer.Option(min=1)] = 4,
-    repeats: Annotated[int, typer.Option(min=1, help="Rounds of direct / queue / inline.")] = 3,
+    repeats: Annotated[int, typer.Option(min=1, help="Pairs per service path (medians of ratios).")] = 5,
     scripted_latency_s: Annotated[
         float, typer.Option(min=0, help="Per-call latency of the scripted engine.")
     ] = 0.02,
@@ -268,20 +284,16 @@ def _print_table(result: BenchResult) -> None:
         f"treepo bench service ({result.engine} engine, {result.workload['num_prompts']} prompts per request)"
     )
     table = Table(title=title)
-    for column in (
-        "service path",
-        "direct median s",
-        "service median s",
-        "overhead (median ratio)",
-        "same trees",
-    ):
+    for column in ("service path", "direct median s", "service median s", "wall overhead", "CPU overhead"):
         table.add_column(column)
+    table.add_column("same trees")
     for mode, label in (("queue", "HTTP + Redis queue"), ("inline", "HTTP inline")):
         table.add_row(
             label,
             f"{summary[f'{mode}_direct_median_s']:.3f}",
             f"{summary[f'{mode}_service_median_s']:.3f}",
             f"{summary[f'{mode}_overhead']:+.1%}",
+            f"{summary[f'{mode}_cpu_overhead']:+.1%}",
             str(summary[f"{mode}_same_trees"]),
         )
     sweep = Table(title="throughput (one-prompt inline requests, back to back per client)")
