@@ -132,3 +132,17 @@ def test_xack_only_after_checkpoint_and_a_crash_redelivers_once(
     records = resumed.log.read()
     assert [r["step"] for r in records] == [1, 2, 3, 3, 4]
     assert sum(r["duplicate_trees"] for r in records) == 0
+
+
+def test_a_reward_that_cannot_tell_leaves_apart_stops_the_run(
+    scripted_service: Settings, tmp_path: Path
+) -> None:
+    # The scripted engine writes random characters: the toy checker marks every leaf wrong.
+    config = loop_config(scripted_service, tmp_path, reward="toy", max_gen_batches=2)
+    run = build_run(config)
+    run.feeder.start()
+    try:
+        with pytest.raises(RuntimeError, match=r"all wrong \d+.*cannot tell the leaves apart"):
+            run.step()
+    finally:
+        run.feeder.stop()
