@@ -55,16 +55,9 @@ def _embedded(settings: Settings) -> tuple[Engine, Codec]:
 
 
 def _sglang(settings: Settings) -> tuple[Engine, Codec]:
-    from transformers import AutoConfig, AutoTokenizer
-
+    """SGLang runs with --skip-tokenizer-init: the service tokenizes with the same model's local files."""
     from treepo.service.engine.sglang import SGLangEngine
 
     path = settings.resolved_model_path()
-    config = AutoConfig.from_pretrained(path)
-    max_context = settings.max_context or int(config.max_position_embeddings)
-    eos = getattr(config, "eos_token_id", None)
-    if eos is None:
-        eos = AutoTokenizer.from_pretrained(path).eos_token_id
-    eos_ids = tuple(eos) if isinstance(eos, list) else (int(eos),)
-    engine = SGLangEngine(settings.sglang_urls, eos_token_ids=eos_ids, max_context=max_context)
+    engine = SGLangEngine(settings.sglang_urls, model_path=path, max_context=settings.max_context)
     return engine, HFCodec(path)
