@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import platform
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,7 +24,11 @@ from treepo.service.sampler.bench_run import RunStats, ratios, run_mode
 
 logger = logging.getLogger(__name__)
 
-MODES = (("sequential", "sync", True), ("sync", "sync", False), ("async", "async", False))
+MODES = ("sequential", "sync", "async")
+RUN_KEYS = (
+    "trajectories", "decoded_tokens", "prefill_tokens", "cached_tokens", "wall_s", "cpu_s", "traj_per_s",
+    "tokens_per_s", "peak_concurrent_sequences", "peak_kv_tokens", "engine_calls",
+)  # fmt: skip
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -47,9 +54,9 @@ def bench_sampling(
     depth: Annotated[int, typer.Option(min=1, help="d: segments per trajectory (default shape).")] = 4,
     shapes: Annotated[
         str, typer.Option(help="DEPTHxSEGMENT list for the table ('' = none).")
-    ] = "2x32,4x16,8x8",
+    ] = "4x16,8x8,16x4",
     temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature.")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Seed of prompts and samples.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the samples (prompts are fixed).")] = 0,
     repeats: Annotated[int, typer.Option(min=1, help="Runs per measurement; the fastest is kept.")] = 3,
     device: Annotated[str, typer.Option(help="torch device of the embedded engine.")] = "cpu",
     threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0 = torch default).")] = 0,
@@ -62,112 +69,94 @@ def bench_sampling(
     table = parse_shapes(shapes)
     with tempfile.TemporaryDirectory() as tmp:
         model_path = _resolve_model(model, Path(tmp), seed)
-        result = asyncio.run(
-            _measure(model_path, prompts, width, segment, depth, table, temperature, seed, device)
-        )
-    result["config"]["model"] = model or "tiny-arith (shipped)"
+        longest = segment * depth if not table else max(segment * depth, *(d * s for d, s in table))
+        bench = _Bench.load(model_path, prompts, width, longest, device)
+        bench.temperature, bench.seed, bench.repeats = temperature, seed, repeats
+        result = asyncio.run(bench.measure(depth, segment, table))
+    result["config"].update(
+        model=model or "tiny-arith (shipped)", prompts=prompts, width=width, segment=segment, depth=depth,
+        temperature=temperature, seed=seed, device=device, repeats=repeats, threads=torch.get_num_threads(),
+        machine=f"{platform.machine()}, {os.cpu_count()} CPU cores",
+    )  # fmt: skip
     if json_output:
         print(json.dumps(result, indent=2))
     else:
         _print_tables(result)
 
 
-async def _measure(
-    model_path: Path,
-    num_prompts: int,
-    width: int,
-    segment: int,
-    depth: int,
-    table: list[tuple[int, int]],
-    temperature: float,
-    seed: int,
-    device: str,
-    repeats: int,
-) -> dict[str, Any]:
-    from transformers import AutoTokenizer
+@dataclass(slots=True)
+class _Bench:
+    """One engine and prompt set; every run starts from a cold prefix cache."""
 
-    from treepo.service.engine.embedded import EmbeddedEngine
-    from treepo.service.task import generate_problems
+    engine: Any  # EmbeddedEngine (imported lazily: torch)
+    decode: Callable[[list[int]], str]
+    prompt_ids: list[list[int]]
+    width: int
+    kv_bytes_per_token: int
+    temperature: float = 1.0
+    seed: int = 0
+    repeats: int = 3
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    prompt_ids = [tokenizer.encode(p.prompt) for p in generate_problems("test", num_prompts, seed=seed)]
-    longest = max(map(len, prompt_ids)) + max([segment * depth] + [d * s for d, s in table])
-    engine = EmbeddedEngine(
-        model_path,
-        device=device,
-        max_cache_tokens=num_prompts * width * longest,
-        max_batch_size=num_prompts * width,
-    )
-    config = engine.model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_bytes = (
-        2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * engine.model.dtype.itemsize
-    )
+    @classmethod
+    def load(cls, model_path: Path, num_prompts: int, width: int, longest: int, device: str) -> _Bench:
+        from transformers import AutoTokenizer
 
-    def decode(ids: list[int]) -> str:
-        return tokenizer.decode(ids, skip_special_tokens=True)
+        from treepo.service.engine.embedded import EmbeddedEngine
+        from treepo.service.task import generate_problems
 
-    async def run(d: int, s: int, schedule: str, sequential: bool) -> RunStats:
-        tree = TreeParams(width=width, segment_tokens=s, max_depth=d, schedule=schedule)
-        sampling = SamplingParams(temperature=temperature)
-        return await run_mode(
-            engine,
-            decode,
-            prompt_ids,
-            tree,
-            sampling,
-            sequential=sequential,
-            seed=seed,
-            kv_bytes_per_token=kv_bytes,
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        prompt_ids = [tokenizer.encode(p.prompt) for p in generate_problems("test", num_prompts, seed=0)]
+        rows = num_prompts * width
+        tokens = rows * (max(map(len, prompt_ids)) + longest)
+        engine = EmbeddedEngine(model_path, device=device, max_cache_tokens=tokens, max_batch_size=rows)
+        config = engine.model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_bytes = (
+            2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * engine.model.dtype.itemsize
         )
 
-    async def best(d: int, s: int) -> dict[str, RunStats]:
+        def decode(ids: list[int]) -> str:
+            return tokenizer.decode(ids, skip_special_tokens=True)
+
+        return cls(engine, decode, prompt_ids, width, kv_bytes)
+
+    async def run(self, depth: int, segment: int, mode: str) -> RunStats:
+        schedule = "async" if mode == "async" else "sync"
+        tree = TreeParams(width=self.width, segment_tokens=segment, max_depth=depth, schedule=schedule)
+        sampling = SamplingParams(temperature=self.temperature)
+        return await run_mode(
+            self.engine, self.decode, self.prompt_ids, tree, sampling,
+            sequential=mode == "sequential", seed=self.seed, kv_bytes_per_token=self.kv_bytes_per_token,
+        )  # fmt: skip
+
+    async def best(self, depth: int, segment: int) -> dict[str, RunStats]:
         """Each mode `repeats` times, interleaved; the fastest run of each (the machine may be shared)."""
         runs: dict[str, RunStats] = {}
-        for _ in range(repeats):
-            for name, schedule, sequential in MODES:
-                stats = await run(d, s, schedule, sequential)
-                if name not in runs or stats.wall_s < runs[name].wall_s:
-                    runs[name] = stats
+        for _ in range(self.repeats):
+            for mode in MODES:
+                stats = await self.run(depth, segment, mode)
+                if mode not in runs or stats.wall_s < runs[mode].wall_s:
+                    runs[mode] = stats
         return runs
 
-    await run(depth, segment, "sync", False)  # warm-up (allocator, kernels)
-    default = await best(depth, segment)
-    seq, sync, async_ = default["sequential"], default["sync"], default["async"]
-    rows = []
-    for d, s in table:
-        runs = default if (d, s) == (depth, segment) else await best(d, s)
-        for schedule in ("sync", "async"):
-            rows.append(
-                {"depth": d, "segment": s, "schedule": schedule, **ratios(runs[schedule], runs["sequential"])}
-            )
-    return {
-        "config": {
-            "prompts": num_prompts,
-            "width": width,
-            "segment": segment,
-            "depth": depth,
-            "temperature": temperature,
-            "seed": seed,
-            "device": device,
-            "repeats": repeats,
-            "threads": _threads(),
-            "machine": platform.machine(),
-            "kv_bytes_per_token": kv_bytes,
-        },
-        "tree": sync.to_dict(),
-        "sequential": seq.to_dict(),
-        "tree_async": async_.to_dict(),
-        "ratios": ratios(sync, seq),
-        "ratios_async": ratios(async_, seq),
-        "shapes": rows,
-    }
-
-
-def _threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
+    async def measure(self, depth: int, segment: int, table: list[tuple[int, int]]) -> dict[str, Any]:
+        await self.run(depth, segment, "sync")  # warm-up (allocator, kernels)
+        default = await self.best(depth, segment)
+        rows = []
+        for d, s in table:
+            runs = default if (d, s) == (depth, segment) else await self.best(d, s)
+            for schedule in ("sync", "async"):
+                rows.append({"depth": d, "segment": s, "schedule": schedule,
+                             **ratios(runs[schedule], runs["sequential"])})  # fmt: skip
+        return {
+            "config": {"kv_bytes_per_token": self.kv_bytes_per_token},
+            "tree": default["sync"].to_dict(),
+            "sequential": default["sequential"].to_dict(),
+            "tree_async": default["async"].to_dict(),
+            "ratios": ratios(default["sync"], default["sequential"]),
+            "ratios_async": ratios(default["async"], default["sequential"]),
+            "shapes": rows,
+        }
 
 
 def _resolve_model(model: str, tmp: Path, seed: int) -> Path:
@@ -197,8 +186,7 @@ def _print_tables(result: dict[str, Any]) -> None:
     console = Console()
     console.print(f"config: {result['config']}")
     runs = Table(title="default shape")
-    keys = ["trajectories", "decoded_tokens", "prefill_tokens", "cached_tokens", "wall_s", "traj_per_s",
-            "tokens_per_s", "peak_concurrent_sequences", "peak_kv_tokens", "engine_calls"]  # fmt: skip
+    keys = RUN_KEYS
     runs.add_column("run")
     for key in keys:
         runs.add_column(key, justify="right")
@@ -208,10 +196,13 @@ def _print_tables(result: dict[str, Any]) -> None:
     console.print(f"ratios tree/sequential: {_fmt_dict(result['ratios'])}")
     console.print(f"ratios async tree/sequential: {_fmt_dict(result['ratios_async'])}")
     shapes = Table(title="shapes (tree / sequential)")
-    for column in ("depth x segment", "schedule", "TrajPS", "TokenPS", "decoded", "efficiency"):
+    for column in ("depth x segment", "schedule", "TrajPS", "TokenPS", "decoded", "efficiency", "Traj/CPU-s"):
         shapes.add_column(column, justify="right")
     for row in result["shapes"]:
-        values = (_fmt(row[k]) for k in ("traj_per_s", "tokens_per_s", "decoded_tokens", "efficiency"))
+        values = (
+            _fmt(row[k])
+            for k in ("traj_per_s", "tokens_per_s", "decoded_tokens", "efficiency", "traj_per_cpu_s")
+        )
         shapes.add_row(f"{row['depth']}x{row['segment']}", row["schedule"], *values)
     console.print(shapes)
 

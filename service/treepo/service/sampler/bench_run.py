@@ -24,6 +24,7 @@ class RunStats:
     cached_tokens: int
     engine_calls: int
     wall_s: float
+    cpu_s: float  # process CPU time (all threads): steadier than wall time on a shared machine
     peak_concurrent_sequences: int
     peak_kv_tokens: int
     peak_kv_bytes: int
@@ -36,8 +37,17 @@ class RunStats:
     def tokens_per_s(self) -> float:
         return self.decoded_tokens / self.wall_s
 
+    @property
+    def traj_per_cpu_s(self) -> float:
+        return self.trajectories / self.cpu_s
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "traj_per_s": self.traj_per_s, "tokens_per_s": self.tokens_per_s}
+        return {
+            **asdict(self),
+            "traj_per_s": self.traj_per_s,
+            "tokens_per_s": self.tokens_per_s,
+            "traj_per_cpu_s": self.traj_per_cpu_s,
+        }
 
 
 def trie_tokens(sequences: Sequence[Sequence[int]]) -> int:
@@ -91,11 +101,11 @@ async def run_mode(
     batching.add_listener(peaks)
     sampler = TreeSampler(batching, decode)
     method = sampler.sample_sequential if sequential else sampler.sample
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     trees: list[Tree] = await asyncio.gather(
         *(method(ids, tree, sampling, seed=seed + i) for i, ids in enumerate(prompts))
     )
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     return RunStats(
         trajectories=sum(len(t.leaves) for t in trees),
         decoded_tokens=sum(t.stats.decoded_tokens for t in trees),
@@ -104,6 +114,7 @@ async def run_mode(
         cached_tokens=sum(t.stats.cached_tokens for t in trees),
         engine_calls=batching.num_batches,
         wall_s=wall,
+        cpu_s=cpu,
         peak_concurrent_sequences=peaks.peak_sequences,
         peak_kv_tokens=peaks.peak_kv_tokens,
         peak_kv_bytes=peaks.peak_kv_tokens * kv_bytes_per_token,
@@ -119,5 +130,6 @@ def ratios(tree: RunStats, sequential: RunStats) -> dict[str, float]:
         "tokens_per_s": tree.tokens_per_s / sequential.tokens_per_s,
         "decoded_tokens": decoded,
         "efficiency": traj * decoded,
+        "traj_per_cpu_s": tree.traj_per_cpu_s / sequential.traj_per_cpu_s,
         "peak_kv_tokens": tree.peak_kv_tokens / max(sequential.peak_kv_tokens, 1),
     }
