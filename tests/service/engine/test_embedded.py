@@ -243,3 +243,13 @@ async def test_a_prefix_shared_within_one_call_is_computed_once(engine, referenc
     decoded = sum(len(o.output_ids) - 1 for o in outs)  # the last sampled token is never fed back
     assert engine.num_computed_tokens - before == prefill + decoded
     assert [o.output_ids for o in outs] == [hf_greedy(reference_model, p, 3) for p in batch]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+async def test_greedy_matches_transformers_generate_on_cuda(tiny_model_path, reference_model):
+    engine = EmbeddedEngine(tiny_model_path, device="cuda", dtype=torch.float32)
+    expected = [hf_greedy(reference_model, p, 12) for p in PROMPTS]
+    for _ in range(2):  # cold, then warm
+        outs = await engine.generate([greedy(p) for p in PROMPTS])
+        assert [o.output_ids for o in outs] == expected

@@ -23,8 +23,8 @@ import torch
 
 from treepo.service.engine.kv_pool import KVPool
 from treepo.service.engine.model_runner import ModelRunner, RowInput, RowKV
-from treepo.service.engine.prefix_groups import shared_prefixes
-from treepo.service.engine.protocol import EngineRequestError, GenerateOutput, GenerateRequest
+from treepo.service.engine.prefix_groups import SharedPrefix, shared_prefixes
+from treepo.service.engine.protocol import EngineError, EngineRequestError, GenerateOutput, GenerateRequest
 from treepo.service.engine.radix_cache import RadixCache, TreeNode
 from treepo.service.engine.token_sampling import SamplingBatch
 from treepo.service.engine.weights import load_weights, read_state_dict
@@ -96,7 +96,11 @@ class EmbeddedEngine:
         for request in requests:
             self._validate(request)
         async with self._lock:
-            return await asyncio.to_thread(self.generate_sync, requests)
+            try:
+                return await asyncio.to_thread(self.generate_sync, requests)
+            except (RuntimeError, torch.OutOfMemoryError) as error:  # the model failed, not the caller
+                logger.exception("embedded engine batch of %d requests failed", len(requests))
+                raise EngineError(f"embedded engine failed a batch: {error}") from error
 
     async def update_weights(self, path: str, version: int) -> None:
         async with self._lock:
@@ -180,26 +184,37 @@ class EmbeddedEngine:
         cached = [min(self.radix.match_prefix(ids).length, len(ids) - 1) for ids in inputs]
         computed: dict[int, int] = {}
         locked: list[TreeNode] = []
-        for level in shared_prefixes(inputs, cached, min_tokens=self.min_shared_prefix_tokens):
-            matches = [self.radix.match_prefix(group.token_ids) for group in level]
-            rows = [
-                RowInput(group.token_ids, match.indices[: len(group.token_ids) - 1], 1, frozenset())
-                for group, match in zip(level, matches, strict=True)
-            ]
-            for match in matches:
-                self.radix.inc_lock_ref(match.last_node)
-            try:
-                self.runner.prefill(rows, lambda _, ids, kv: self._store(ids, kv))
-            finally:
-                for match in matches:
-                    self.radix.dec_lock_ref(match.last_node)
-            for group, row in zip(level, rows, strict=True):
-                new_tokens = len(row.input_ids) - int(row.cached_slots.numel())
-                computed[group.owner] = computed.get(group.owner, 0) + new_tokens
-                node = self.radix.match_prefix(group.token_ids).last_node
-                self.radix.inc_lock_ref(node)  # kept until the batch has locked its own matches
-                locked.append(node)
+        try:
+            for level in shared_prefixes(inputs, cached, min_tokens=self.min_shared_prefix_tokens):
+                self._prefill_level(level, computed, locked)
+        except BaseException:
+            for node in locked:
+                self.radix.dec_lock_ref(node)
+            raise
         return computed, locked
+
+    def _prefill_level(
+        self, level: list[SharedPrefix], computed: dict[int, int], locked: list[TreeNode]
+    ) -> None:
+        """One prefill pass over shared prefixes that do not nest; their nodes stay locked (in `locked`)."""
+        matches = [self.radix.match_prefix(group.token_ids) for group in level]
+        rows = [
+            RowInput(group.token_ids, match.indices[: len(group.token_ids) - 1], 1, frozenset())
+            for group, match in zip(level, matches, strict=True)
+        ]
+        for match in matches:
+            self.radix.inc_lock_ref(match.last_node)
+        try:
+            self.runner.prefill(rows, lambda _, ids, kv: self._store(ids, kv))
+        finally:
+            for match in matches:
+                self.radix.dec_lock_ref(match.last_node)
+        for group, row in zip(level, rows, strict=True):
+            new_tokens = len(row.input_ids) - int(row.cached_slots.numel())
+            computed[group.owner] = computed.get(group.owner, 0) + new_tokens
+            node = self.radix.match_prefix(group.token_ids).last_node
+            self.radix.inc_lock_ref(node)  # kept until the batch has locked its own matches
+            locked.append(node)
 
     def _store(self, token_ids: list[int], kv: RowKV) -> None:
         """Insert a finished row's sequence into the radix tree, writing only KV the tree lacks."""
