@@ -28,14 +28,14 @@ FAST = dict(
 def test_demo_runs_end_to_end_in_fast_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("REDIS_URL", raising=False)
     events: list[tuple[str, dict]] = []
-    options = DemoOptions(steps=2, seed=3, output_dir=tmp_path, name="fast", eval_problems=8, eval_samples=2,
+    options = DemoOptions(steps=2, seed=3, output_dir=tmp_path, name="fast", eval_problems=4, eval_samples=2,
                           overrides=FAST)  # fmt: skip
     result = run_demo(options, on_event=lambda kind, payload: events.append((kind, payload)))
 
     run_dir = tmp_path / "fast"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary == result.summary
-    assert summary["steps"] == 2 and summary["eval"]["samples"] == 16
+    assert summary["steps"] == 2 and summary["eval"]["samples"] == 8
     assert 0 <= summary["accuracy_before"] <= 1 and 0 <= summary["accuracy_after"] <= 1
     assert summary["eval"]["policy_version_after"] == 2, "the after-eval samples the pushed weights"
     assert 0 < summary["tokens_decoded_tree"] < summary["tokens_independent"], "the tree shares prefixes"

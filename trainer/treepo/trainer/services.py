@@ -115,23 +115,15 @@ def start_service(
 ) -> ServiceProcess:
     """`treepo serve` (embedded engine) on a free port; returns once /readyz answers 200."""
     port = free_port()
-    args = [
-        sys.executable,
-        "-c",
-        _SERVE,
-        "--port",
-        str(port),
-        "--engine",
-        "embedded",
-        "--weights-dir",
-        str(weights_dir),
-        "--redis-url",
-        redis_url,
-        "--log-level",
-        "warning",
-    ]
-    if model_path:
-        args += ["--model", model_path]
+    options = {
+        "--port": str(port),
+        "--engine": "embedded",
+        "--weights-dir": str(weights_dir),
+        "--redis-url": redis_url,
+        "--log-level": "warning",
+        "--model": model_path,
+    }
+    args = [sys.executable, "-c", _SERVE, *(x for k, v in options.items() if v for x in (k, v))]
     env = {
         **os.environ,
         "TREEPO_KEY_PREFIX": key_prefix,
