@@ -72,8 +72,8 @@ train.__signature__ = _train_signature()  # type: ignore[attr-defined]
 
 def demo(
     steps: Annotated[
-        int, typer.Option(help="Training steps (default sized for ~5 minutes on 2 cores).")
-    ] = 60,
+        int, typer.Option(help="Training steps (default sized for well under 10 minutes on 2 cores).")
+    ] = 50,
     seed: Annotated[int, typer.Option(help="Seed of the problems, the sampling and the trainer.")] = 0,
     output_dir: Annotated[Path, typer.Option(help="Runs land in <output-dir>/<name>/.")] = Path("runs"),
     name: Annotated[str | None, typer.Option(help="Run name (default demo-seed<S>-<time>).")] = None,

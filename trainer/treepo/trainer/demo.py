@@ -27,6 +27,8 @@ from treepo.trainer.services import ensure_redis, start_service
 
 logger = logging.getLogger(__name__)
 
+DEMO_STEPS = 50  # ~6-8 minutes of training on 2 CPU cores, plus two held-out evaluations
+
 
 def demo_config(**changes: Any) -> TrainConfig:
     """Settings tuned for the ~1M-parameter tiny model on 2 CPU cores (the release values are for 7B)."""
@@ -44,7 +46,7 @@ def demo_config(**changes: Any) -> TrainConfig:
         max_staleness=1,
         checkpoint_every=10,
         push_every=1,
-        steps=60,
+        steps=DEMO_STEPS,
         group="demo",
         consumer="demo-trainer",
     )
@@ -53,7 +55,7 @@ def demo_config(**changes: Any) -> TrainConfig:
 
 @dataclass(slots=True)
 class DemoOptions:
-    steps: int = 60
+    steps: int = DEMO_STEPS
     seed: int = 0
     output_dir: Path = Path("runs")
     name: str | None = None
