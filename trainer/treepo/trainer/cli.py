@@ -81,6 +81,9 @@ def demo(
     eval_samples: Annotated[int, typer.Option(help="Samples per held-out problem.")] = 4,
     lr: Annotated[float | None, typer.Option(help="Override the demo's learning rate.")] = None,
     width: Annotated[int | None, typer.Option(help="Override the tree width w.")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Local HF model dir (default: the shipped tiny model).")
+    ] = None,
 ) -> None:
     """Redis + service (embedded engine, tiny model) + trainer: watch held-out accuracy rise."""
     from treepo.trainer.demo import DemoOptions, run_demo
@@ -88,7 +91,7 @@ def demo(
 
     overrides = {k: v for k, v in {"lr": lr, "width": width}.items() if v is not None}
     try:
-        options = DemoOptions(steps, seed, output_dir, name, eval_problems, eval_samples, overrides)
+        options = DemoOptions(steps, seed, output_dir, name, eval_problems, eval_samples, model, overrides)
     except ValueError as error:
         raise typer.BadParameter(str(error)) from error
     with DemoProgress(_console(), steps) as progress:
