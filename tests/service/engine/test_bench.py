@@ -20,6 +20,7 @@ def test_bench_engine_prints_one_json_object(tiny_model_path):
     prefix = report["prefix"]
     assert prefix["requests"] == 3 and prefix["prefill_tokens_total"] == 3 * 28
     assert prefix["prefill_tokens_computed"] == prefix["unique_tokens"] == 20 + 3 * 8
+    assert report["segment"]["prefill_tokens_computed"] == 3  # cached paths: one token each
 
 
 def test_bench_engine_rejects_a_missing_model(tmp_path):

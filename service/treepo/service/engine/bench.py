@@ -52,6 +52,12 @@ def bench_engine(
 
     path = _model_path(model)
     engine = EmbeddedEngine(path, device=device, max_batch_size=batch, eos_token_ids=())
+    longest = max(prompt_tokens, prefix_tokens + 8, prefix_tokens + new_tokens) + new_tokens
+    if longest > engine.max_context:
+        raise typer.BadParameter(
+            f"prefix/prompt tokens + new tokens reach {longest} > the model context {engine.max_context}; "
+            "lower --prefix-tokens, --prompt-tokens or --new-tokens"
+        )
     rng = random.Random(seed)
     prompts = [
         _random_ids(rng, rng.randint(max(1, prompt_tokens // 2), prompt_tokens), engine) for _ in range(batch)
@@ -68,6 +74,7 @@ def bench_engine(
         "hf_generate": hf,
         "speedup": round(embedded["tokens_per_s"] / hf["tokens_per_s"], 3),
         "prefix": _prefix_sharing(engine, rng, batch, prefix_tokens),
+        "segment": _next_segment(engine, rng, batch, prefix_tokens, new_tokens, temperature, repeats),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
     if json_output:
@@ -172,6 +179,52 @@ def _prefix_sharing(engine: Any, rng: random.Random, n: int, prefix_tokens: int)
     }
 
 
+def _next_segment(
+    engine: Any,
+    rng: random.Random,
+    n: int,
+    prefix_tokens: int,
+    new_tokens: int,
+    temperature: float,
+    repeats: int,
+) -> dict[str, Any]:
+    """TreePO's next segment: `n` paths (common prefix + own last segment) already in the cache, continued.
+
+    `generate` has no cache across calls, so it prefills every path again; the engine computes 1 token each.
+    """
+    from treepo.service.engine.protocol import GenerateRequest
+
+    prefix = _random_ids(rng, prefix_tokens, engine)
+    paths = [prefix + _random_ids(rng, new_tokens, engine) for _ in range(n)]
+    requests = [
+        GenerateRequest(input_ids=p, max_new_tokens=new_tokens, temperature=temperature, seed=i)
+        for i, p in enumerate(paths)
+    ]
+    hf_inputs = _left_padded(paths, engine.device)
+    times: dict[str, list[float]] = {"embedded": [], "hf": []}
+    for _ in range(repeats):
+        engine.flush_cache()
+        engine.generate_sync(
+            [GenerateRequest(input_ids=p, max_new_tokens=1) for p in paths]
+        )  # the tree so far
+        start = time.perf_counter()
+        outs = engine.generate_sync(requests)
+        _sync(engine.device)
+        times["embedded"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        _hf_generate(engine.model, hf_inputs, new_tokens, temperature)
+        _sync(engine.device)
+        times["hf"].append(time.perf_counter() - start)
+    total = n * new_tokens
+    return {
+        "requests": n,
+        "input_tokens": sum(len(p) for p in paths),
+        "prefill_tokens_computed": sum(o.prefill_tokens for o in outs),
+        "embedded_tokens_per_s": round(total / statistics.median(times["embedded"]), 1),
+        "hf_generate_tokens_per_s": round(total / statistics.median(times["hf"]), 1),
+    }
+
+
 def _model_info(engine: Any, path: Path) -> dict[str, Any]:
     config = engine.model.config
     return {
@@ -220,6 +273,8 @@ def _print_table(result: dict[str, Any]) -> None:
         (f"prefix: {prefix['requests']} requests, prefill tokens total", prefix["prefill_tokens_total"]),
         ("prefix: prefill tokens computed", prefix["prefill_tokens_computed"]),
         ("prefix: unique tokens", prefix["unique_tokens"]),
+        ("next segment (cached paths): embedded tokens/s", result["segment"]["embedded_tokens_per_s"]),
+        ("next segment: transformers generate tokens/s", result["segment"]["hf_generate_tokens_per_s"]),
         ("peak RSS (MiB)", round(result["peak_rss_bytes"] / 2**20, 1)),
     ]
     for name, value in rows:
