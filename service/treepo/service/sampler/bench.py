@@ -48,7 +48,7 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 def bench_sampling(
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     model: Annotated[str, typer.Option(help="Local HF model dir; 'random' = random-init tiny shape.")] = "",
-    prompts: Annotated[int, typer.Option(min=1, help="Prompts sampled concurrently.")] = 8,
+    prompts: Annotated[int, typer.Option(min=1, help="Prompts sampled concurrently.")] = 32,
     width: Annotated[int, typer.Option(min=1, help="w: trajectories per prompt.")] = 16,
     segment: Annotated[int, typer.Option(min=1, help="l: tokens per segment (default shape).")] = 16,
     depth: Annotated[int, typer.Option(min=1, help="d: segments per trajectory (default shape).")] = 4,
@@ -57,7 +57,7 @@ def bench_sampling(
     ] = "4x16,8x8,16x4",
     temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of the samples (prompts are fixed).")] = 0,
-    repeats: Annotated[int, typer.Option(min=1, help="Runs per measurement; the fastest is kept.")] = 3,
+    repeats: Annotated[int, typer.Option(min=1, help="Runs per measurement; the fastest is kept.")] = 2,
     device: Annotated[str, typer.Option(help="torch device of the embedded engine.")] = "cpu",
     threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0 = torch default).")] = 0,
 ) -> None:
