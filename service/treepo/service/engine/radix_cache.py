@@ -195,6 +195,8 @@ class RadixCache:
 
 def _shared_length(edge: tuple[int, ...], key: tuple[int, ...], start: int) -> int:
     """How many tokens of `edge` match `key[start:]`."""
+    if key[start : start + len(edge)] == edge:  # the common case, compared in C
+        return len(edge)
     limit = min(len(edge), len(key) - start)
     n = 0
     while n < limit and edge[n] == key[start + n]:
