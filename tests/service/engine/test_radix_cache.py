@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from treepo.service.engine.radix_cache import RadixCache
 
@@ -124,3 +126,30 @@ class TestRadixCache:
         cache.insert([1, 2], slots(1, 2))
         cache.reset()
         assert cache.match_prefix([1, 2]).length == 0 and cache.total_size == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sequences=st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=8), min_size=1, max_size=12),
+    evict_tokens=st.integers(0, 40),
+)
+def test_random_inserts_keep_every_prefix_on_its_first_slots(sequences, evict_tokens):
+    """Property: a cached prefix always maps to the slots given when it was first inserted; sizes add up."""
+    freed: list[int] = []
+    cache = RadixCache(on_evict=lambda s: freed.extend(s.tolist()))
+    slot_of: dict[tuple[int, ...], int] = {}  # prefix -> slot of its last token
+    for seq in sequences:
+        match = cache.match_prefix(seq)
+        new = slots(1 + len(slot_of), len(seq) - match.length)
+        for n in range(match.length + 1, len(seq) + 1):
+            slot_of[tuple(seq[:n])] = int(new[n - match.length - 1])
+        assert cache.insert(seq, torch.cat([match.indices, new])) == match.length
+    assert cache.total_size == len(slot_of)
+    assert cache.evict(evict_tokens) >= min(evict_tokens, len(slot_of))
+    assert cache.total_size + len(freed) == len(slot_of)
+    for prefix, slot in slot_of.items():
+        match = cache.match_prefix(prefix)
+        if match.length == len(prefix):
+            assert int(match.indices[-1]) == slot
+        else:
+            assert slot in freed
