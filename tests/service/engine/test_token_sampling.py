@@ -17,6 +17,7 @@ def batch_of(n: int, *, temperature=1.0, top_p=1.0, top_k=-1, seeds=None) -> Sam
         [top_p] * n,
         [top_k] * n,
         seeds or list(range(n)),
+        max_steps=20,
         vocab_size=VOCAB,
         device=torch.device("cpu"),
     )
@@ -71,8 +72,21 @@ class TestSampleNext:
         )
         torch.testing.assert_close(logprobs, torch.log_softmax(LOGITS, -1)[tokens])
 
-    def test_select_keeps_rows_and_their_generators(self):
+    def test_select_keeps_rows_and_their_uniforms(self):
         batch = batch_of(3, temperature=0.5, seeds=[1, 2, 3])
         picked = batch.select(torch.tensor([2, 0]))
         assert picked.temperature.tolist() == [0.5, 0.5]
-        assert picked.generators == [batch.generators[2], batch.generators[0]]
+        assert torch.equal(picked.uniforms, batch.uniforms[[2, 0]])
+
+    def test_greedy_rows_stay_greedy_in_a_sampled_batch(self):
+        batch = SamplingBatch.build(
+            [0.0, 1.0],
+            [1.0, 1.0],
+            [-1, -1],
+            [1, 2],
+            max_steps=50,
+            vocab_size=VOCAB,
+            device=torch.device("cpu"),
+        )
+        greedy_row = [sample_next(LOGITS.expand(2, VOCAB).clone(), batch)[0][0].item() for _ in range(50)]
+        assert greedy_row == [0] * 50

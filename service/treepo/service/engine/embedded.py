@@ -247,6 +247,7 @@ class EmbeddedEngine:
             [r.top_p for r in requests],
             [r.top_k for r in requests],
             [r.seed if r.seed is not None else secrets.randbits(63) for r in requests],
+            max_steps=max(r.max_new_tokens for r in requests),
             vocab_size=self.vocab_size,
             device=self.device,
         )

@@ -1,9 +1,10 @@
 """Next-token sampling for a batch with per-request temperature, top-k, top-p and seed.
 
-Each request owns a CPU `torch.Generator` and draws exactly one uniform per sampled token, so its samples
-depend only on its seed and its own logits, not on what else is in the batch. The reported logprob is the
-sampled token's log-probability under the unmodified model distribution (temperature 1, no filtering):
-that is the `old_per_token_logprobs` an RL trainer needs.
+Each request owns a CPU `torch.Generator`; at the start of a call it draws one uniform per possible new
+token, and the k-th token of the request is drawn (inverse CDF) with its k-th uniform. Its samples thus
+depend only on its seed and its own logits, not on what else is in the batch, and a step costs no
+per-row work. The reported logprob is the sampled token's log-probability under the unmodified model
+distribution (temperature 1, no filtering): the `old_per_token_logprobs` an RL trainer needs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ class SamplingBatch:
     temperature: torch.Tensor  # (B,) float32; 0 = greedy
     top_p: torch.Tensor  # (B,) float32 in (0, 1]
     top_k: torch.Tensor  # (B,) int64; >= vocab size when off
-    generators: list[torch.Generator]
+    uniforms: torch.Tensor  # (B, max_steps) float32: row i's k-th token uses uniforms[i, k]
+    is_all_greedy: bool
+    is_filtered: bool  # some row uses top-k or top-p
+    step: int = 0
 
     @classmethod
     def build(
@@ -31,20 +35,23 @@ class SamplingBatch:
         top_ks: Sequence[int],
         seeds: Sequence[int],
         *,
+        max_steps: int,
         vocab_size: int,
         device: torch.device,
     ) -> SamplingBatch:
-        generators = []
+        uniforms = []
         for seed in seeds:
             generator = torch.Generator()
             generator.manual_seed(seed % 2**63)
-            generators.append(generator)
+            uniforms.append(torch.rand(max_steps, generator=generator))
         top_ks = [k if k >= 1 else vocab_size for k in top_ks]
         return cls(
             temperature=torch.tensor(temperatures, dtype=torch.float32, device=device),
             top_p=torch.tensor(top_ps, dtype=torch.float32, device=device),
             top_k=torch.tensor(top_ks, dtype=torch.int64, device=device),
-            generators=generators,
+            uniforms=torch.stack(uniforms).to(device),  # (B, max_steps)
+            is_all_greedy=all(t == 0 for t in temperatures),
+            is_filtered=any(k < vocab_size for k in top_ks) or any(p < 1 for p in top_ps),
         )
 
     def select(self, keep: torch.Tensor) -> SamplingBatch:
@@ -54,41 +61,39 @@ class SamplingBatch:
             temperature=self.temperature[index],
             top_p=self.top_p[index],
             top_k=self.top_k[index],
-            generators=[self.generators[i] for i in keep.tolist()],
+            uniforms=self.uniforms[index],
+            is_all_greedy=self.is_all_greedy,
+            is_filtered=self.is_filtered,
+            step=self.step,
         )
 
 
 def sample_next(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row of `logits` (B, V); returns (tokens (B,), logprobs (B,))."""
-    logits = logits.float()
-    tokens = logits.argmax(dim=-1)  # greedy rows keep this
-    sampled = (batch.temperature > 0).nonzero().squeeze(1)  # (S,)
-    if sampled.numel():
-        rows = sampled.tolist()
-        uniforms = torch.cat([torch.rand(1, generator=batch.generators[i]) for i in rows])  # (S,)
-        scaled = logits[sampled] / batch.temperature[sampled, None]  # (S, V)
-        chosen = _draw(scaled, batch.top_k[sampled], batch.top_p[sampled], uniforms.to(logits.device))
-        tokens[sampled] = chosen
-    logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)  # (B,)
-    return tokens, logprobs
+    assert batch.step < batch.uniforms.shape[1], f"{batch.step=} {batch.uniforms.shape=}"
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, V), unmodified distribution
+    tokens = logprobs.argmax(dim=-1)
+    if not batch.is_all_greedy:
+        temperature = batch.temperature.clamp(min=1e-6)[:, None]  # greedy rows are overridden below
+        chosen = _draw(logprobs / temperature, batch, batch.uniforms[:, batch.step])
+        tokens = torch.where(batch.temperature > 0, chosen, tokens)
+    batch.step += 1
+    return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)
 
 
-def _draw(
-    scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor
-) -> torch.Tensor:
+def _draw(scaled: torch.Tensor, batch: SamplingBatch, uniforms: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draw from softmax(scaled) restricted to the top-k / top-p set of each row."""
     vocab_size = scaled.shape[-1]
-    if bool((top_k >= vocab_size).all()) and bool((top_p >= 1).all()):
-        order = None  # no filtering: skip the sort
-        probs = torch.softmax(scaled, dim=-1)  # (S, V)
-    else:
+    order = None
+    if batch.is_filtered:
         scaled, order = scaled.sort(dim=-1, descending=True)
         ranks = torch.arange(vocab_size, device=scaled.device)
-        scaled = scaled.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf"))
-        probs = torch.softmax(scaled, dim=-1)
+        scaled = scaled.masked_fill(ranks[None, :] >= batch.top_k[:, None], float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)  # (B, V)
+    if order is not None:
         before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
-        probs = probs.masked_fill(before >= top_p[:, None], 0.0)  # the most likely token always stays
-    cdf = probs.cumsum(dim=-1)  # (S, V)
-    targets = (uniforms * cdf[:, -1])[:, None]  # (S, 1)
+        probs = probs.masked_fill(before >= batch.top_p[:, None], 0.0)  # the most likely token always stays
+    cdf = probs.cumsum(dim=-1)  # (B, V)
+    targets = (uniforms * cdf[:, -1])[:, None]  # (B, 1)
     picks = torch.searchsorted(cdf, targets, right=True).clamp_(max=vocab_size - 1).squeeze(1)
     return picks if order is None else order.gather(1, picks[:, None]).squeeze(1)
