@@ -1,14 +1,16 @@
-"""The built-in synthetic, verifiable task: chains of two-digit additions and subtractions.
+"""The built-in synthetic, verifiable task: chains of additions and subtractions, written step by step.
 
-A problem reads `47+23-15+38=?` and its gold solution is written one step per line, ending in
+A problem reads `47+5-8+6=?` and its gold solution is written one step per line, ending in
 `\\boxed{ANSWER}` (the model then emits EOS):
 
-    47+23=70
-    70-15=55
-    55+38=93
-    \\boxed{93}
+    47+5=52
+    52-8=44
+    44+6=50
+    \\boxed{50}
 
-The notation is compact on purpose: the model trains on 2 CPU cores, and every character is a token.
+The default difficulty (a two-digit start, 3-5 one-digit operations) and the compact notation are
+chosen so that the tiny model learns the task within minutes on 2 shared CPU cores; `TaskConfig`
+makes it harder (e.g. two-digit operands).
 
 Answers are exact integers, so `check` is an exact checker. Splits never overlap: a problem belongs to
 the split chosen by a hash of its prompt text, whatever seed or stream produced it.
@@ -40,16 +42,20 @@ _BOX = "\\boxed{"
 
 @dataclass(slots=True, frozen=True)
 class TaskConfig:
-    """Difficulty knob: how many operations and how large the operands are."""
+    """Difficulty knob: how many operations, how large the starting number and the operands are."""
 
     min_ops: int = 3
     max_ops: int = 5
-    min_operand: int = 10
-    max_operand: int = 99
+    min_start: int = 10
+    max_start: int = 99
+    min_operand: int = 1
+    max_operand: int = 9
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_ops <= self.max_ops:
             raise ValueError(f"Need 1 <= min_ops <= max_ops, got {self.min_ops=} {self.max_ops=}.")
+        if not 0 <= self.min_start <= self.max_start:
+            raise ValueError(f"Need 0 <= min_start <= max_start, got {self.min_start=} {self.max_start=}.")
         if not 0 <= self.min_operand <= self.max_operand:
             raise ValueError(
                 f"Need 0 <= min_operand <= max_operand, got {self.min_operand=} {self.max_operand=}."
@@ -71,7 +77,7 @@ class Problem:
 def make_problem(rng: random.Random, config: TaskConfig | None = None) -> Problem:
     """Draw one problem; a subtraction that would go below zero becomes an addition."""
     config = config or TaskConfig()
-    total = rng.randint(config.min_operand, config.max_operand)
+    total = rng.randint(config.min_start, config.max_start)
     expression, lines = str(total), []
     for _ in range(rng.randint(config.min_ops, config.max_ops)):
         operand = rng.randint(config.min_operand, config.max_operand)

@@ -28,17 +28,28 @@ class TrainConfig:
     seed: int = 0
     max_steps: int = 4000
     batch_size: int = 32
-    learning_rate: float = 2e-3
+    learning_rate: float = 3e-3
     weight_decay: float = 0.01
     warmup_steps: int = 100
     eval_every: int = 50
+    # Accuracy jumps within a few dozen steps: once it shows, evaluate densely to stop inside the band.
+    dense_eval_every: int = 10
+    dense_eval_from: float = 0.05
     num_eval_problems: int = 64
     target_accuracy: float = 0.3
     max_new_tokens: int = 96
     task: TaskConfig = field(default_factory=TaskConfig)
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "eval_every", "num_eval_problems", "max_new_tokens"):
+        names = (
+            "max_steps",
+            "batch_size",
+            "eval_every",
+            "dense_eval_every",
+            "num_eval_problems",
+            "max_new_tokens",
+        )
+        for name in names:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if not 0.0 < self.target_accuracy <= 1.0:
@@ -160,13 +171,16 @@ def train(
         optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps))
     )
     started, history, accuracy, loss = time.perf_counter(), [], 0.0, float("nan")
+    is_dense = False
     model.train()
     for step in range(1, config.max_steps + 1):
         batch = encode_batch(tokenizer, [next(stream) for _ in range(config.batch_size)])
         loss = _optimizer_step(model, optimizer, batch)
         schedule.step()
         event = TrainEvent(step=step, loss=loss)
-        if step % config.eval_every == 0 or step == config.max_steps:
+        is_dense = is_dense or accuracy >= config.dense_eval_from  # sticky: the jump is near
+        every = config.dense_eval_every if is_dense else config.eval_every
+        if step % every == 0 or step == config.max_steps:
             accuracy = sampled_accuracy(
                 model, tokenizer, eval_problems, max_new_tokens=config.max_new_tokens, seed=config.seed + step
             )
