@@ -168,12 +168,12 @@ def test_accepted_trees_of_a_failing_engine_become_failure_records(make_service)
     assert service.redis.xlen(names.trees_stream(service.settings.key_prefix)) == 0
 
 
-def test_inline_with_a_failing_engine_is_a_server_error_with_details(make_service) -> None:
+def test_inline_with_a_failing_engine_is_a_bad_gateway_with_details(make_service) -> None:
     service = make_service(engine_factory=factory_of(lambda: FailingEngine(num_ok=0)))
     with service.client() as http:
         answer = http.post("/rollout_tree", json=_body())
         metrics = http.get("/metrics").text
-    assert answer.status_code == 500
+    assert answer.status_code == 502
     assert "backend exploded" in answer.json()["detail"]["failures"][0]["error"]
     assert 'treepo_engine_errors_total{reason="error"}' in metrics
     assert 'treepo_engine_errors_total{reason="error"} 0.0' not in metrics

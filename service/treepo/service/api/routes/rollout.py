@@ -176,9 +176,10 @@ async def _check_depth(queue: TreeQueue, metrics: ServiceMetrics, max_depth: int
 
 
 def _failed(failures: list[TreeFailure], num_prompts: int, request_id: str, retry_after_s: int) -> Response:
-    """Inline answer when trees failed: 422 if the sampler refused the input, 503 if the engine is down."""
+    """Inline answer when trees failed: 422 if the sampler refused the input, 503 if the engine is down,
+    502 if the engine answered with an error (the fault is upstream of this service, not in the request)."""
     kinds = {failure.kind for failure in failures}
-    status, headers = 500, None
+    status, headers = 502, None
     if kinds == {"input"}:
         status = 422
     elif "unavailable" in kinds:
