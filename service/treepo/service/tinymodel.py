@@ -134,7 +134,7 @@ def init_model(
     batch_size: Annotated[int, typer.Option(help="Problems per optimizer step.")] = 32,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 3e-3,
     eval_every: Annotated[int, typer.Option(help="Steps between sampled validation evaluations.")] = 50,
-    eval_problems: Annotated[int, typer.Option(help="Validation problems per evaluation.")] = 64,
+    eval_problems: Annotated[int, typer.Option(help="Validation problems per evaluation.")] = 128,
     target_accuracy: Annotated[
         float, typer.Option(help="Stop once sampled validation accuracy (temperature 1) reaches this.")
     ] = 0.3,

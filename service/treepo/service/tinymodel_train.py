@@ -33,9 +33,9 @@ class TrainConfig:
     warmup_steps: int = 100
     eval_every: int = 50
     # Accuracy jumps within a few dozen steps: once it shows, evaluate densely to stop inside the band.
-    dense_eval_every: int = 10
+    dense_eval_every: int = 5
     dense_eval_from: float = 0.05
-    num_eval_problems: int = 64
+    num_eval_problems: int = 128
     target_accuracy: float = 0.3
     max_new_tokens: int = 96
     task: TaskConfig = field(default_factory=TaskConfig)
