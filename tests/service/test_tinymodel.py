@@ -114,7 +114,6 @@ class TestTraining:
         assert message in result.output
         assert not (tmp_path / "config.json").exists()
 
-    @pytest.mark.slow
     def test_init_model_end_to_end(self, tmp_path: Path) -> None:
         output = tmp_path / "model"
         args = ["init-model", "--output", str(output), "--steps", "3", "--batch-size", "4"]
