@@ -115,8 +115,9 @@ def sample_responses(
     """Decode one response per prompt with `generate` (temperature 0 means greedy)."""
     if seed is not None:
         torch.manual_seed(seed)
-    tokenizer.padding_side = "left"
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generate needs left padding
     batch = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+    tokenizer.padding_side = padding_side
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
     was_training = model.training
     model.eval()
