@@ -23,7 +23,13 @@ VARIANTS: dict[str, dict[str, str]] = {
 
 
 def run_bench(
-    variants: list[str], *, steps: int, seed: int, output_dir: Path, eval_problems: int = 128
+    variants: list[str],
+    *,
+    steps: int,
+    seed: int,
+    output_dir: Path,
+    eval_problems: int = 128,
+    model_path: str | None = None,
 ) -> dict[str, Any]:
     """Run each variant in turn (one at a time: they would fight over the CPU) and collect summaries."""
     root = Path(output_dir) / f"bench-train-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -35,6 +41,7 @@ def run_bench(
             output_dir=root,
             name=variant,
             eval_problems=eval_problems,
+            model_path=model_path,
             overrides=dict(VARIANTS[variant]),
         )
         summary = run_demo(options).summary

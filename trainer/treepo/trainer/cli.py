@@ -110,6 +110,9 @@ def bench_train(
         str, typer.Option(help="Comma list of grpo-seq, grpo-tree, treepo.")
     ] = "grpo-seq,grpo-tree,treepo",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    model: Annotated[
+        str | None, typer.Option(help="Local HF model dir (default: the shipped tiny model).")
+    ] = None,
 ) -> None:
     """GRPO + sequential sampling vs GRPO + trees vs TreePO: held-out accuracy and sampling cost."""
     from treepo.trainer.bench import VARIANTS, run_bench
@@ -120,7 +123,9 @@ def bench_train(
         raise typer.BadParameter(
             f"unknown variants {unknown}; expected a comma list of {', '.join(VARIANTS)}"
         )
-    result = run_bench(chosen, steps=steps, seed=seed, output_dir=output_dir, eval_problems=eval_problems)
+    result = run_bench(
+        chosen, steps=steps, seed=seed, output_dir=output_dir, eval_problems=eval_problems, model_path=model
+    )
     if as_json:
         typer.echo(json.dumps(result))
         return

@@ -42,6 +42,7 @@ class TrainConfig:
     output_dir: str = _help("Run directory: metrics.jsonl, checkpoints, plots.", "runs/train")
     weights_dir: str = _help("Shared weights directory the service loads pushed weights from.", "")
     device: str = _help("Torch device of the trainer.", "cpu")
+    torch_threads: int = _help("CPU threads of the trainer's torch (0 = torch's default).", 0)
     seed: int = _help("Seed of the trainer, the feeder and the sampling requests.", 0)
     # Optimisation (TREEPO.md §2.3, release values).
     steps: int = _help("Training steps (one optimizer pass over a batch of trees each).", 100)
@@ -104,7 +105,14 @@ class TrainConfig:
         for name in positive.split():
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0 (got {getattr(self, name)})")
-        for name in ("warmup_steps", "weight_decay", "grad_clip", "max_staleness", "push_every"):
+        for name in (
+            "torch_threads",
+            "warmup_steps",
+            "weight_decay",
+            "grad_clip",
+            "max_staleness",
+            "push_every",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (got {getattr(self, name)})")
         if not 0 <= self.epsilon_low < 1 or self.epsilon_high < 0:

@@ -184,6 +184,8 @@ def _batch_record(batch: Batch, waited_s: float, step_s: float, version: int) ->
 def build_run(config: TrainConfig, *, resume: bool = False, log_every_push: bool = True) -> TrainingRun:
     """Load the policy (and the latest checkpoint with `resume`), connect to the service and Redis."""
     torch.manual_seed(config.seed)
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
     policy = Policy.from_pretrained(config.model_path or _default_model(), device=config.device)
     trainer = Trainer(policy, config)
     client = TreePOClient(config.service_url, token=config.api_token)
