@@ -163,7 +163,14 @@ class TrainingRun:
 def _batch_record(batch: Batch, waited_s: float, step_s: float, version: int) -> dict[str, Any]:
     counts = batch.counts
     stats = [t.tree.stats for t in batch.trees]
+    # Accuracy over every scored tree, filtered ones included: the learning curve dynamic filtering hides.
+    kept_correct = sum(sum(t.is_correct) for t in batch.trees)
+    kept_leaves = sum(len(t.tree.leaves) for t in batch.trees)
+    leaves_per_tree = kept_leaves / max(1, len(batch.trees))
+    scored = kept_leaves + (counts.num_all_correct + counts.num_all_wrong) * leaves_per_tree
+    correct = kept_correct + counts.num_all_correct * leaves_per_tree
     return {
+        "accuracy_unfiltered": correct / scored if scored else 0.0,
         "policy_version": version,
         "wait_s": waited_s,
         "step_s": step_s,

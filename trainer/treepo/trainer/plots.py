@@ -24,17 +24,18 @@ def plot_run(
     evals: Sequence[tuple[int, float]] = (),
     title: str = "TreePO training",
 ) -> Path:
-    """Left: batch reward and accuracy per step, held-out accuracy points. Right: cumulative tokens."""
+    """Left: train accuracy per step (all sampled trees, and those kept), held-out points. Right: tokens."""
     plt = _pyplot()
     steps = [r["step"] for r in records]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    left.plot(steps, [r.get("accuracy", 0.0) for r in records], label="batch accuracy (train)", alpha=0.7)
-    rescaled = [(r.get("reward_mean", 0.0) + 1) / 2 for r in records]
-    left.plot(steps, rescaled, label="(reward + 1) / 2", alpha=0.5)
+    unfiltered = [r.get("accuracy_unfiltered", r.get("accuracy", 0.0)) for r in records]
+    left.plot(steps, unfiltered, label="train accuracy (all sampled trees)")
+    kept = [r.get("accuracy", 0.0) for r in records]
+    left.plot(steps, kept, label="train accuracy (kept by dynamic sampling)", alpha=0.4)
     if evals:
         xs, ys = [s for s, _ in evals], [a for _, a in evals]
         left.plot(xs, ys, "o-", color="black", label="held-out accuracy")
-    left.set(xlabel="step", ylabel="share", ylim=(0, 1.02), title="reward and accuracy")
+    left.set(xlabel="step", ylabel="share", ylim=(0, 1.02), title="accuracy")
     left.grid(alpha=0.3)
     left.legend(loc="lower right", fontsize=8)
     decoded = list(itertools.accumulate(r.get("decoded_tokens", 0) for r in records))

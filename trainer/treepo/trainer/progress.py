@@ -51,10 +51,8 @@ class DemoProgress:
         self.decoded += record["decoded_tokens"]
         self.independent += record["independent_tokens"]
         saved = 1 - self.decoded / max(1, self.independent)
-        status = (
-            f"reward {record['reward_mean']:+.2f}  acc {record['accuracy']:.2f}  "
-            f"tokens saved by the tree {saved:.0%}"
-        )
+        accuracy = record.get("accuracy_unfiltered", record["accuracy"])
+        status = f"train acc {accuracy:.2f}  tokens saved by the tree {saved:.0%}"
         self.progress.update(self.task, completed=record["step"], status=status)
 
     def report(self, result) -> None:
