@@ -142,7 +142,7 @@ def test_a_reward_that_cannot_tell_leaves_apart_stops_the_run(
     run = build_run(config)
     run.feeder.start()
     try:
-        with pytest.raises(RuntimeError, match=r"all wrong \d+.*cannot tell the leaves apart"):
+        with pytest.raises(RuntimeError, match=r"kept none.*all wrong \d+.*cannot tell the leaves apart"):
             run.step()
     finally:
         run.feeder.stop()

@@ -114,7 +114,8 @@ class TrainingRun:
             )
             batch.trees += more.trees
             batch.counts.add(more.counts)
-            self._check_not_all_filtered(batch)
+            if self._too_many_reads(batch):
+                break
             if more.counts.num_read:
                 last_progress = time.monotonic()
             elif time.monotonic() - last_progress > self.stall_timeout_s:
@@ -123,17 +124,22 @@ class TrainingRun:
                 )
         return batch
 
-    def _check_not_all_filtered(self, batch: Batch) -> None:
-        """DAPO's `max_num_gen_batches`: stop instead of sampling forever when nothing can be trained."""
+    def _too_many_reads(self, batch: Batch) -> bool:
+        """DAPO's `max_num_gen_batches`: after that many batches' worth of trees, train on the partial
+        batch (a policy that solves nearly everything leaves few mixed groups), or stop if it is empty."""
         limit = self.config.max_gen_batches * self.config.prompts_per_step
-        if len(batch.trees) < self.config.prompts_per_step and batch.counts.num_read > limit:
-            c = batch.counts
+        if batch.counts.num_read <= limit:
+            return False
+        c = batch.counts
+        if not batch.trees:
             raise RuntimeError(
-                f"read {c.num_read} trees without filling a batch of {self.config.prompts_per_step} "
-                f"(all correct {c.num_all_correct}, all wrong {c.num_all_wrong}, stale {c.num_stale}): "
-                "the reward cannot tell the leaves apart; use a model that solves some but not all "
-                "problems, a wider tree, or a larger --max-staleness"
+                f"read {c.num_read} trees and kept none (all correct {c.num_all_correct}, all wrong "
+                f"{c.num_all_wrong}, stale {c.num_stale}): the reward cannot tell the leaves apart; use a "
+                "model that solves some but not all problems, a wider tree, or a larger --max-staleness"
             )
+        logger.warning("only %d of %d prompts kept after reading %d trees; training on a partial batch",
+                       len(batch.trees), self.config.prompts_per_step, c.num_read)  # fmt: skip
+        return True
 
     def _maybe_push(self) -> float | None:
         every = self.config.push_every
