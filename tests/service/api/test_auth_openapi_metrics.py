@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from conftest import SMALL_TREE, Service
+from api_helpers import SMALL_TREE, Service
 from openapi_spec_validator import validate
 
 from treepo.service.metrics import FINISH_REASONS, REJECT_REASONS

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import Service
+from api_helpers import Service
 
 from treepo.client.schema import Tree
 from treepo.service.tinymodel import build_model, build_tokenizer, save_model

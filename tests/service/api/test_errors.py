@@ -6,7 +6,7 @@ import json
 import time
 
 import pytest
-from conftest import SMALL_TREE, FailingEngine, Service, factory_of
+from api_helpers import SMALL_TREE, FailingEngine, Service, factory_of
 
 from treepo.client import constants as names
 from treepo.service.engine.scripted import ScriptedEngine

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from conftest import SMALL_TREE, Service
+from api_helpers import SMALL_TREE, Service
 
 from treepo.client import constants as names
 from treepo.client.schema import RolloutAccepted, RolloutTreeResponse, Tree

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import Service
+from api_helpers import Service
 
 from treepo.client import constants as names
 from treepo.client.schema import Tree

@@ -6,7 +6,7 @@ import asyncio
 import threading
 from pathlib import Path
 
-from conftest import SMALL_TREE, Service, factory_of
+from api_helpers import SMALL_TREE, Service, factory_of
 
 from treepo.client.schema import Tree, WeightsInfo
 from treepo.service.engine.scripted import ScriptedEngine
