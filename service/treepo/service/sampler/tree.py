@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from treepo.client.schema import SamplingParams, Tree, TreeParams
@@ -50,18 +50,12 @@ class TreeSampler:
         prompt_text: str = "",
     ) -> Tree:
         """One tree of exactly `tree.width` leaves (fewer only with `fallback="none"`)."""
-        setup = self._setup(prompt_ids, tree, sampling, seed)
-        policy_version = self.engine.policy_version
-        builder = TreeBuilder(list(prompt_ids), setup.rules, self.decode)
-        await TreeRun(self.engine, builder, tree, sampling, base_seed=setup.base_seed).run()
-        logger.debug("tree %s: %s", tree_id, builder.stats)
-        return builder.to_tree(
-            tree_id=tree_id or uuid.uuid4().hex,
-            prompt_id=prompt_id,
-            policy_version=policy_version,
-            metadata=metadata or {},
-            prompt_text=prompt_text,
-            return_logprobs=return_logprobs,
+
+        async def run(builder: TreeBuilder, base_seed: int) -> None:
+            await TreeRun(self.engine, builder, tree, sampling, base_seed=base_seed).run()
+
+        return await self._build(
+            run, prompt_ids, tree, sampling, seed, return_logprobs, tree_id, prompt_id, metadata, prompt_text
         )
 
     async def sample_sequential(
@@ -82,10 +76,33 @@ class TreeSampler:
         Each trajectory is one engine request for its whole length (as a non-tree RL rollout decodes it),
         stored as a chain of `segment_tokens` chunks so that every node still holds <= l tokens.
         """
+
+        async def run(builder: TreeBuilder, base_seed: int) -> None:
+            await sample_independent(self.engine, builder, tree, sampling, base_seed=base_seed)
+
+        return await self._build(
+            run, prompt_ids, tree, sampling, seed, return_logprobs, tree_id, prompt_id, metadata, prompt_text
+        )
+
+    async def _build(
+        self,
+        run: Callable[[TreeBuilder, int], Awaitable[None]],
+        prompt_ids: list[int],
+        tree: TreeParams,
+        sampling: SamplingParams,
+        seed: int | None,
+        return_logprobs: bool,
+        tree_id: str | None,
+        prompt_id: str,
+        metadata: dict | None,
+        prompt_text: str,
+    ) -> Tree:
+        """Validate, run one sampling strategy into a fresh builder, and package the tree."""
         setup = self._setup(prompt_ids, tree, sampling, seed)
         policy_version = self.engine.policy_version
         builder = TreeBuilder(list(prompt_ids), setup.rules, self.decode)
-        await sample_independent(self.engine, builder, tree, sampling, base_seed=setup.base_seed)
+        await run(builder, setup.base_seed)
+        logger.debug("tree %s: %s", tree_id, builder.stats)
         return builder.to_tree(
             tree_id=tree_id or uuid.uuid4().hex,
             prompt_id=prompt_id,
