@@ -18,6 +18,8 @@ import typer
 
 from treepo.trainer.config import TrainConfig
 
+DEMO_STEPS = 120  # keep equal to treepo.trainer.demo.DEMO_STEPS (not imported: it pulls in torch)
+
 _EXTRA = {"resume": "Continue from the newest checkpoint under --output-dir (model, optimizer, step, queue)."}
 
 
@@ -73,7 +75,7 @@ train.__signature__ = _train_signature()  # type: ignore[attr-defined]
 def demo(
     steps: Annotated[
         int, typer.Option(help="Training steps (default sized for well under 10 minutes on 2 cores).")
-    ] = 50,
+    ] = DEMO_STEPS,
     seed: Annotated[int, typer.Option(help="Seed of the problems, the sampling and the trainer.")] = 0,
     output_dir: Annotated[Path, typer.Option(help="Runs land in <output-dir>/<name>/.")] = Path("runs"),
     name: Annotated[str | None, typer.Option(help="Run name (default demo-seed<S>-<time>).")] = None,
