@@ -122,7 +122,9 @@ class SamplingParams(_Strict):
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int = Field(default=-1, description="-1 = whole vocabulary.")
     max_new_tokens: int | None = Field(
-        default=None, ge=1, description="Max response tokens per trajectory; null = segment_tokens * max_depth."
+        default=None,
+        ge=1,
+        description="Max response tokens per trajectory; null = segment_tokens * max_depth.",
     )
     stop_token_ids: list[int] = Field(default_factory=list, description="Stop ids besides the model's EOS.")
     seed: int | None = Field(default=None, description="Same seed, same engine, same weights: same trees.")
@@ -160,7 +162,8 @@ class TreeStats(BaseModel):
     num_leaves: int = 0
     decoded_tokens: int = 0
     independent_tokens: int = Field(
-        default=0, description="Tokens independent sampling decodes for the same leaves (sum of leaf lengths)."
+        default=0,
+        description="Tokens independent sampling decodes for the same leaves (sum of leaf lengths).",
     )
     prefill_tokens: int = Field(default=0, description="Input tokens the engine computed (cache misses).")
     cached_tokens: int = Field(default=0, description="Input tokens served from the prefix cache.")

@@ -13,8 +13,12 @@ from treepo.service.sampler.bench import bench_sampling
 from treepo.service.serve import serve
 from treepo.service.tinymodel import init_model
 
-app = typer.Typer(help="TreePO rollout-as-a-service.", no_args_is_help=True, pretty_exceptions_show_locals=False)
-bench = typer.Typer(help="Benchmarks (ratios measured in one run; print JSON with --json).", no_args_is_help=True)
+app = typer.Typer(
+    help="TreePO rollout-as-a-service.", no_args_is_help=True, pretty_exceptions_show_locals=False
+)
+bench = typer.Typer(
+    help="Benchmarks (ratios measured in one run; print JSON with --json).", no_args_is_help=True
+)
 app.add_typer(bench, name="bench")
 
 # Each command lives beside the code it drives and is registered here.

@@ -48,8 +48,12 @@ def _scripted(settings: Settings) -> tuple[Engine, Codec]:
 
 
 def _embedded(settings: Settings) -> tuple[Engine, Codec]:
+    import torch
+
     from treepo.service.engine.embedded import EmbeddedEngine
 
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     path = settings.resolved_model_path()
     return EmbeddedEngine(path, device=settings.device), HFCodec(path)
 

@@ -39,7 +39,7 @@ def bench_engine(
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 1.0,
     repeats: Annotated[int, typer.Option(min=1, help="Timed runs of each; the median is reported.")] = 3,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0: torch's default).")] = 0,
+    threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0: torch's default).")] = 1,
     seed: int = 0,
 ) -> None:
     """Embedded engine tokens/s vs transformers generate, prefix-cache savings and peak memory."""

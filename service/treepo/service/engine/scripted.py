@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from treepo.service.engine.protocol import GenerateOutput, GenerateRequest
 
 Script = Callable[[list[int], random.Random], list[int]]
-"""(input_ids, rng seeded from the request) -> the tokens the engine 'would' produce (truncated by the engine)."""
+"""(input_ids, rng seeded from the request) -> the tokens the engine 'would' produce (it truncates them)."""
 
 
 def random_tokens(vocab_size: int = 50, eos_token_id: int = 0) -> Script:
@@ -22,7 +22,7 @@ def random_tokens(vocab_size: int = 50, eos_token_id: int = 0) -> Script:
 
 
 class ScriptedEngine:
-    """Implements the `Engine` protocol. Output = script(input_ids) cut at max_new_tokens or the first stop id.
+    """An `Engine` whose output is script(input_ids) cut at max_new_tokens or the first stop id.
 
     The rng of each request is seeded from (request seed, input_ids), so equal inputs give equal outputs.
     `cached_tokens` is the longest prefix of the input seen before as a full (input + output) sequence.

@@ -59,7 +59,7 @@ def bench_sampling(
     seed: Annotated[int, typer.Option(help="Seed of the samples (prompts are fixed).")] = 0,
     repeats: Annotated[int, typer.Option(min=1, help="Runs per measurement; the fastest is kept.")] = 2,
     device: Annotated[str, typer.Option(help="torch device of the embedded engine.")] = "cpu",
-    threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0 = torch default).")] = 0,
+    threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0 = torch default).")] = 1,
 ) -> None:
     """Tree vs sequential sampling: trajectories/s, tokens/s, decoded tokens, prefix cache, peak KV."""
     import torch
