@@ -20,6 +20,8 @@ demo: setup
 	$(BIN)/treepo demo
 
 test: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 lint: setup
