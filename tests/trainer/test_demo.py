@@ -60,6 +60,22 @@ def test_demo_runs_end_to_end_in_fast_mode(tmp_path: Path, monkeypatch: pytest.M
     assert not [k for k in leftover if k.decode().endswith(":trees")], "the demo's keys are cleaned up"
 
 
+@pytest.mark.slow
+def test_demo_with_the_same_seed_reproduces_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    runs = []
+    for name in ("a", "b"):
+        options = DemoOptions(steps=3, seed=5, output_dir=tmp_path, name=name, eval_problems=4, eval_samples=2,
+                              overrides=FAST)  # fmt: skip
+        summary = run_demo(options).summary
+        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        keys = ("reward_mean", "accuracy", "loss", "trees_consumed", "decoded_tokens", "staleness_mean")
+        runs.append(([[r[k] for k in keys] for r in records], summary["accuracy_after"]))
+    assert len(runs[0][0]) == 3
+    assert all(r[-1] <= 1 for r in runs[0][0]), "fresh trees are on-policy, carried ones one step old"
+    assert runs[0] == runs[1], "the same seed must give the same per-step metrics and held-out accuracy"
+
+
 def test_ensure_redis_prefers_redis_url(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("REDIS_URL", LOCAL_REDIS)
     assert ensure_redis(tmp_path).origin == "REDIS_URL"

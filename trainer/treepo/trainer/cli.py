@@ -86,12 +86,17 @@ def demo(
     model: Annotated[
         str | None, typer.Option(help="Local HF model dir (default: the shipped tiny model).")
     ] = None,
+    deterministic: Annotated[
+        bool,
+        typer.Option(help="Lockstep schedule: the same --seed reproduces the run (off: sampling overlaps)."),
+    ] = True,
 ) -> None:
     """Redis + service (embedded engine, tiny model) + trainer: watch held-out accuracy rise."""
     from treepo.trainer.demo import DemoOptions, run_demo
     from treepo.trainer.progress import DemoProgress
 
     overrides = {k: v for k, v in {"lr": lr, "width": width}.items() if v is not None}
+    overrides["deterministic"] = deterministic
     try:
         options = DemoOptions(steps, seed, output_dir, name, eval_problems, eval_samples, model, overrides)
     except ValueError as error:

@@ -72,6 +72,11 @@ class TrainConfig:
     temperature: float = _help("Sampling temperature.", 1.0)
     inflight_batches: int = _help("Training batches of prompts the feeder keeps in flight.", 2)
     max_staleness: int = _help("Skip trees sampled more than K policy versions ago (0 = on-policy).", 1)
+    deterministic: bool = _help(
+        "Lockstep schedule: sample each step's prompts after the previous push and batch them in "
+        "submission order, so a seed reproduces the run (no sampling/training overlap).",
+        False,
+    )
     # Scoring and advantages (TREEPO.md §2.2).
     reward: str = _help("Reward plugin: toy, math_verify, module:function or an entry point.", "toy")
     overlong_buffer: int = _help("DAPO overlong penalty buffer in tokens (0 = off).", 0)

@@ -157,6 +157,22 @@ class TreeConsumer:
     def commit_batch(self, batch: Batch) -> None:
         self.commit(batch.entry_ids, batch.tree_ids)
 
+    def admit(self, delivered: list[StreamedTree], reward_fn: RewardFn, *, current_version: int = 0) -> Batch:
+        """Score and filter already-read entries in the order given (the lockstep schedule reads a whole
+        round, sorts it, then admits it); kept trees count as handed out until committed."""
+        counts = BatchCounts(num_read=len(delivered))
+        kept = self._admit(delivered, reward_fn, current_version, counts)
+        counts.num_kept = len(kept)
+        self.totals.add(counts)
+        self._uncommitted.update(t.tree.tree_id for t in kept)
+        return Batch(kept, counts, is_full=True)
+
+    def discard_stale(self, trees: Sequence[ScoredTree]) -> None:
+        """Ack kept-but-unused trees that grew too old to train (counted as stale)."""
+        self.stream.ack([t.entry_id for t in trees])
+        self._uncommitted.difference_update(t.tree.tree_id for t in trees)
+        self.totals.num_stale += len(trees)
+
     def is_trained(self, tree_ids: Iterable[str]) -> list[bool]:
         ids = list(tree_ids)
         return [bool(flag) for flag in self.stream.redis.smismember(self.ledger, ids)] if ids else []

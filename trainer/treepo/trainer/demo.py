@@ -44,6 +44,7 @@ def demo_config(**changes: Any) -> TrainConfig:
         max_depth=4,
         inflight_batches=2,
         max_staleness=1,
+        deterministic=True,  # lockstep: the same --seed gives the same metrics.jsonl (no overlap)
         checkpoint_every=10,
         push_every=1,
         torch_threads=1,  # the service has the other core; 2 threads here oversubscribe (8x slower)

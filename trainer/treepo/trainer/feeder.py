@@ -23,6 +23,8 @@ from treepo.service.task import Problem
 
 logger = logging.getLogger(__name__)
 
+SEQ_KEY = "seq"  # prompt metadata: the prompt's position in the feeder's sequence (0, 1, 2, ...)
+
 
 @dataclass(slots=True)
 class FeedRequest:
@@ -31,7 +33,7 @@ class FeedRequest:
     tree: TreeParams
     sampling: SamplingParams
     prompts_per_request: int = 8
-    seed: int = 0  # per-request sampling seeds derive from it
+    seed: int = 0  # prompt n is sampled with seed * 1_000_003 + n
 
 
 class StreamProgress:
@@ -97,6 +99,17 @@ class Feeder:
             sent += count
         return sent
 
+    def submit(self, count: int) -> int:
+        """Submit the next `count` prompts of the sequence now (the lockstep schedule); returns the first
+        sequence number sent."""
+        if count < 1:
+            raise ValueError(f"count must be >= 1 prompts (got {count})")
+        first = self.submitted
+        while self.submitted < first + count:
+            size = min(first + count - self.submitted, self.request.prompts_per_request)
+            self._submit([next(self.problems) for _ in range(size)])
+        return first
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="treepo-feeder", daemon=True)
         self._thread.start()
@@ -124,10 +137,16 @@ class Feeder:
 
     def _submit(self, problems: list[Problem]) -> None:
         prompts = [
-            Prompt(id=f"train-{self.submitted + i}", text=p.prompt, metadata={"answer": p.answer})
+            Prompt(
+                id=f"train-{self.submitted + i}",
+                text=p.prompt,
+                metadata={"answer": p.answer, SEQ_KEY: self.submitted + i},
+            )
             for i, p in enumerate(problems)
         ]
-        seed = self.request.seed * 1_000_003 + self.num_requests
+        # The service seeds prompt i with seed + i: every prompt's seed is then base + its sequence
+        # number, whatever request it travelled in.
+        seed = self.request.seed * 1_000_003 + self.submitted
         sampling = self.request.sampling.model_copy(update={"seed": seed})
         self.client.rollout_tree(prompts, tree=self.request.tree, sampling=sampling, delivery="queue")
         self.submitted += len(prompts)

@@ -25,6 +25,7 @@ from treepo.trainer.checkpoint import TrainerState, latest_checkpoint, load_chec
 from treepo.trainer.config import TrainConfig
 from treepo.trainer.consumer import Batch, BatchCounts, TreeConsumer
 from treepo.trainer.feeder import Feeder, FeedRequest, StreamProgress
+from treepo.trainer.lockstep import LockstepAssembler
 from treepo.trainer.metrics import MetricsLog, TrainerMetrics
 from treepo.trainer.policy import Policy
 from treepo.trainer.rewards import OverlongPenalty, RewardFn, load_reward
@@ -71,9 +72,11 @@ class TrainingRun:
     reward_fn: RewardFn
     state: TrainerState = field(default_factory=TrainerState)
     stall_timeout_s: float = 600.0
+    lockstep: LockstepAssembler | None = None  # the deterministic schedule (config.deterministic)
 
     def run(self, on_step: StepCallback | None = None) -> TrainerState:
-        self.feeder.start()
+        if self.lockstep is None:
+            self.feeder.start()
         try:
             while self.state.step < self.config.steps:
                 record = self.step()
@@ -102,6 +105,13 @@ class TrainingRun:
 
     def _assemble(self) -> Batch:
         """Wait for a full batch, failing loudly if the feeder died or nothing arrives for too long."""
+        if self.lockstep is not None:
+            return self.lockstep.assemble(
+                self.config.prompts_per_step,
+                self.reward_fn,
+                current_version=self.state.policy_version,
+                give_up=self._too_many_reads,
+            )
         batch = Batch([], BatchCounts(), is_full=False)
         last_progress = time.monotonic()
         while len(batch.trees) < self.config.prompts_per_step:
@@ -226,6 +236,7 @@ def build_run(config: TrainConfig, *, resume: bool = False, log_every_push: bool
     if config.metrics_port is not None:
         prometheus.serve(config.metrics_port)
     log = MetricsLog(Path(config.output_dir) / "metrics.jsonl")
+    lockstep = LockstepAssembler(feeder, consumer, config.max_staleness) if config.deterministic else None
     return TrainingRun(
         config,
         policy,
@@ -238,6 +249,7 @@ def build_run(config: TrainConfig, *, resume: bool = False, log_every_push: bool
         prometheus,
         load_reward(config.reward),
         state,
+        lockstep=lockstep,
     )
 
 
