@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from treepo.service.task import Problem
 logger = logging.getLogger(__name__)
 
 SEQ_KEY = "seq"  # prompt metadata: the prompt's position in the feeder's sequence (0, 1, 2, ...)
+FEED_KEY = "feed"  # prompt metadata: which feeder numbered it (a resumed run restarts the sequence)
 
 
 @dataclass(slots=True)
@@ -78,6 +80,7 @@ class Feeder:
         self.client, self.problems, self.request, self.progress = client, problems, request, progress
         self.target, self.poll_s = target, poll_s
         self.submitted = 0
+        self.feed_id = uuid.uuid4().hex[:12]
         self.num_requests = 0
         self._base_read = progress.entries_read()
         self._base_failures = progress.failures()
@@ -140,7 +143,7 @@ class Feeder:
             Prompt(
                 id=f"train-{self.submitted + i}",
                 text=p.prompt,
-                metadata={"answer": p.answer, SEQ_KEY: self.submitted + i},
+                metadata={"answer": p.answer, SEQ_KEY: self.submitted + i, FEED_KEY: self.feed_id},
             )
             for i, p in enumerate(problems)
         ]

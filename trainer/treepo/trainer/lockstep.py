@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from treepo.client.stream import StreamedTree
 from treepo.trainer.consumer import Batch, BatchCounts, ScoredTree, TreeConsumer
-from treepo.trainer.feeder import SEQ_KEY, Feeder
+from treepo.trainer.feeder import FEED_KEY, SEQ_KEY, Feeder
 from treepo.trainer.rewards import RewardFn
 
 logger = logging.getLogger(__name__)
@@ -78,6 +78,9 @@ class LockstepAssembler:
 
     # Internal helpers
 
+    def _is_ours(self, item: StreamedTree) -> bool:
+        return item.tree.metadata.get(FEED_KEY) == self.feeder.feed_id
+
     def _take_carry(self, batch: Batch, num_prompts: int, version: int) -> None:
         for tree in self.carry:
             tree.staleness = version - tree.tree.policy_version
@@ -108,7 +111,7 @@ class LockstepAssembler:
         corrupt_before = self.consumer.stream.num_corrupt
         last_progress = time.monotonic()
         while True:
-            arrived = sum(tree_seq(item) in wanted for item in delivered)
+            arrived = sum(self._is_ours(item) and tree_seq(item) in wanted for item in delivered)
             lost = self.feeder.progress.failures() - failures_before
             lost += self.consumer.stream.num_corrupt - corrupt_before
             if arrived + lost >= count:
