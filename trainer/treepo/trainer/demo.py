@@ -27,7 +27,7 @@ from treepo.trainer.services import ensure_redis, start_service
 
 logger = logging.getLogger(__name__)
 
-DEMO_STEPS = 120  # ~5 minutes of training on 2 CPU cores (50 steps: ~2), plus two held-out evaluations
+DEMO_STEPS = 120  # ~8.5 minutes of lockstep training on 2 CPU cores, plus two held-out evaluations
 
 
 def demo_config(**changes: Any) -> TrainConfig:
