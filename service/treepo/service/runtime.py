@@ -17,6 +17,7 @@ from treepo.service.engine.protocol import (
     Engine,
     EngineError,
     EngineUnavailable,
+    EngineWrapper,
     GenerateOutput,
     GenerateRequest,
 )
@@ -85,25 +86,13 @@ def engine_error_reason(exc: BaseException) -> str:
     return "error"
 
 
-class MeteredEngine:
+class MeteredEngine(EngineWrapper):
     """The real engine behind the batcher: one call here is one engine batch, counted and swap-gated."""
 
     def __init__(self, inner: Engine, gate: SwapGate, metrics: ServiceMetrics) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self._gate = gate
         self._metrics = metrics
-
-    @property
-    def eos_token_ids(self) -> tuple[int, ...]:
-        return self.inner.eos_token_ids
-
-    @property
-    def policy_version(self) -> int:
-        return self.inner.policy_version
-
-    @property
-    def max_context(self) -> int:
-        return self.inner.max_context
 
     async def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateOutput]:
         async with self._gate.shared():
@@ -116,12 +105,6 @@ class MeteredEngine:
         cached = sum(output.cached_tokens for output in outputs)
         self._metrics.observe_engine_call(len(requests), prefill, cached)
         return outputs
-
-    async def update_weights(self, path: str, version: int) -> None:
-        await self.inner.update_weights(path, version)
-
-    async def health(self) -> bool:
-        return await self.inner.health()
 
 
 @dataclass(slots=True)

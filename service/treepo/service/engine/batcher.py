@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from treepo.service.engine.protocol import Engine, GenerateOutput, GenerateRequest
+from treepo.service.engine.protocol import Engine, EngineWrapper, GenerateOutput, GenerateRequest
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class _Call:
     answered: int = 0
 
 
-class BatchingEngine:
+class BatchingEngine(EngineWrapper):
     """An `Engine` wrapping another: concurrent callers share inner calls of <= `max_batch_size` requests.
 
     An inner failure fails exactly the callers that had requests in that call.
@@ -56,7 +56,7 @@ class BatchingEngine:
     def __init__(self, inner: Engine, *, max_batch_size: int | None = None) -> None:
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1 or None for no limit (got {max_batch_size})")
-        self.inner = inner
+        super().__init__(inner)
         self.max_batch_size = max_batch_size
         self.num_batches = 0
         self.num_requests = 0
@@ -66,18 +66,6 @@ class BatchingEngine:
         self._listeners: list[BatchListener] = []
 
     # Public API
-
-    @property
-    def eos_token_ids(self) -> tuple[int, ...]:
-        return self.inner.eos_token_ids
-
-    @property
-    def policy_version(self) -> int:
-        return self.inner.policy_version
-
-    @property
-    def max_context(self) -> int:
-        return self.inner.max_context
 
     def add_listener(self, listener: BatchListener) -> None:
         """Call `listener(record)` after every inner call (e.g. a batch-size histogram)."""
@@ -102,12 +90,6 @@ class BatchingEngine:
         if self._worker is None or self._worker.done() or self._worker.get_loop() is not loop:
             self._worker = loop.create_task(self._drain())
         return await call.future
-
-    async def update_weights(self, path: str, version: int) -> None:
-        await self.inner.update_weights(path, version)
-
-    async def health(self) -> bool:
-        return await self.inner.health()
 
     def __getattr__(self, name: str) -> Any:
         """Everything else (tokenizer, counters of the inner engine, ...) is the inner engine's."""

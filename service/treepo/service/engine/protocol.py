@@ -71,3 +71,31 @@ class EngineRequestError(EngineError, ValueError):
     """The engine rejected a request as invalid (e.g. SGLang's HTTP 400): a caller error (HTTP 4xx)."""
 
     reason = "invalid"
+
+
+class EngineWrapper:
+    """Forwards the `Engine` protocol to `inner`; a wrapper (batching, metering) overrides what it adds."""
+
+    def __init__(self, inner: Engine) -> None:
+        self.inner = inner
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.inner.eos_token_ids
+
+    @property
+    def policy_version(self) -> int:
+        return self.inner.policy_version
+
+    @property
+    def max_context(self) -> int:
+        return self.inner.max_context
+
+    async def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateOutput]:
+        return await self.inner.generate(requests)
+
+    async def update_weights(self, path: str, version: int) -> None:
+        await self.inner.update_weights(path, version)
+
+    async def health(self) -> bool:
+        return await self.inner.health()
