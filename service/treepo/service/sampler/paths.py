@@ -8,8 +8,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from treepo.client.schema import FinishReason, Node, Tree, TreeStats
-from treepo.service.engine.protocol import GenerateOutput
+from treepo.client.schema import FinishReason, Node, SamplingParams, Tree, TreeStats
+from treepo.service.engine.protocol import GenerateOutput, GenerateRequest
 from treepo.service.sampler.budget import PathScore
 from treepo.service.sampler.rules import StopRules, first_stop_index
 
@@ -18,6 +18,21 @@ def derive_seed(base_seed: int, label: str) -> int:
     """A request seed from (tree seed, node label): siblings differ, reruns repeat."""
     digest = hashlib.blake2b(f"{base_seed}:{label}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") >> 2  # 62 bits: fits every engine's int64 seed
+
+
+def make_request(
+    sampling: SamplingParams, input_ids: list[int], max_new_tokens: int, base_seed: int, label: str
+) -> GenerateRequest:
+    """One engine request of a tree or of the sequential baseline, seeded from (tree seed, label)."""
+    return GenerateRequest(
+        input_ids=input_ids,
+        max_new_tokens=max_new_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        seed=derive_seed(base_seed, label),
+        stop_token_ids=tuple(sampling.stop_token_ids),
+    )
 
 
 @dataclass(slots=True)

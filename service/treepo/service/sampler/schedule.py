@@ -20,7 +20,7 @@ from treepo.service.engine.batcher import BatchingEngine
 from treepo.service.engine.protocol import GenerateOutput, GenerateRequest
 from treepo.service.sampler.budget import split_budget, step_budget
 from treepo.service.sampler.fallback import reopen
-from treepo.service.sampler.paths import Path, TreeBuilder, derive_seed
+from treepo.service.sampler.paths import Path, TreeBuilder, make_request
 
 
 @dataclass(slots=True)
@@ -99,15 +99,9 @@ class TreeRun:
     def _request(self, path: Path, label: str) -> GenerateRequest:
         room = self.builder.rules.max_new_tokens - len(path.response_ids)
         assert room >= 1, f"a live path has no room left: {room=}"
-        return GenerateRequest(
-            input_ids=self.builder.prompt_ids + path.response_ids,
-            max_new_tokens=min(self.tree.segment_tokens, room),
-            temperature=self.sampling.temperature,
-            top_p=self.sampling.top_p,
-            top_k=self.sampling.top_k,
-            seed=derive_seed(self.base_seed, label),
-            stop_token_ids=tuple(self.sampling.stop_token_ids),
-        )
+        input_ids = self.builder.prompt_ids + path.response_ids
+        segment = min(self.tree.segment_tokens, room)
+        return make_request(self.sampling, input_ids, segment, self.base_seed, label)
 
     def _process(
         self, results: list[tuple[_Flight, tuple[list[GenerateOutput], tuple[int, ...]]]]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from treepo.client.schema import FinishReason, SamplingParams, TreeParams
 from treepo.service.engine.batcher import BatchingEngine
-from treepo.service.engine.protocol import GenerateOutput, GenerateRequest
-from treepo.service.sampler.paths import TreeBuilder, derive_seed
+from treepo.service.engine.protocol import GenerateOutput
+from treepo.service.sampler.paths import TreeBuilder, make_request
 from treepo.service.sampler.rules import StopRules, extract_last_boxed
 
 
@@ -28,14 +28,8 @@ async def sample_independent(
 ) -> None:
     """All `width` trajectories in one engine call; stored as chains of l-token nodes."""
     requests = [
-        GenerateRequest(
-            input_ids=list(builder.prompt_ids),
-            max_new_tokens=builder.rules.max_new_tokens,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k,
-            seed=derive_seed(base_seed, f"seq-{index}"),
-            stop_token_ids=tuple(sampling.stop_token_ids),
+        make_request(
+            sampling, list(builder.prompt_ids), builder.rules.max_new_tokens, base_seed, f"seq-{index}"
         )
         for index in range(tree.width)
     ]
