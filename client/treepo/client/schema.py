@@ -6,9 +6,10 @@ release bugs B1-B4 fixed (see shared/TREEPO.md §1.8).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 FinishReason = Literal["answer", "eos", "max_tokens", "max_depth", "repetition"]
 """Why a leaf stopped. Release names: FINISHED, EARLY_STOPPED_BY_EOS, MAX_OUTPUT_TOKENS, MAX_INFER_STEPS,
@@ -24,15 +25,61 @@ SplitPolicy = Literal[
     "high_path_mean_prob",  # norm_inv_logprob_weighted_div
 ]
 Delivery = Literal["inline", "queue", "stream"]
+LOGPROB_FLOOR = -1e4
+"""Non-finite logprobs (-inf of a token the engine deemed impossible) are clamped to this finite floor, so
+every Tree serialises to standard JSON and parses back."""
+MAX_METADATA_DEPTH = 32
+MAX_METADATA_ITEMS = 10_000
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Request models: unknown fields, NaN and +-Infinity are refused (422), never passed to the engine."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def check_json_value(value: Any, where: str) -> None:
+    """Refuse what cannot round-trip through UTF-8 JSON: lone surrogates, non-finite floats, nesting deeper
+    than MAX_METADATA_DEPTH or more than MAX_METADATA_ITEMS values. Iterative: no recursion limit."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    seen = 0
+    while stack:
+        item, depth = stack.pop()
+        seen += 1
+        if depth > MAX_METADATA_DEPTH or seen > MAX_METADATA_ITEMS:
+            raise ValueError(
+                f"{where} is nested deeper than {MAX_METADATA_DEPTH} levels or holds more than "
+                f"{MAX_METADATA_ITEMS} values; send a smaller object"
+            )
+        if isinstance(item, str):
+            _check_text(item, where)
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"{where} holds {item}; only finite numbers are valid JSON")
+        elif isinstance(item, dict):
+            stack.extend((k, depth + 1) for k in item)
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend((v, depth + 1) for v in item)
+
+
+def _check_text(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"{where} is not valid UTF-8 text (a lone surrogate); send well-formed Unicode"
+        ) from None
 
 
 class ChatMessage(_Strict):
-    role: str = Field(min_length=1)
+    role: str = Field(min_length=1, max_length=256)
     content: str
+
+    @field_validator("role", "content")
+    @classmethod
+    def _utf8(cls, value: str) -> str:
+        _check_text(value, "a chat message")
+        return value
 
 
 class Prompt(_Strict):
@@ -45,6 +92,19 @@ class Prompt(_Strict):
     metadata: dict[str, Any] = Field(
         default_factory=dict, description="Opaque; passed through untouched (e.g. the reference answer)."
     )
+
+    @field_validator("id", "text")
+    @classmethod
+    def _utf8(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_text(value, "the prompt id/text")
+        return value
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _bounded_metadata(cls, value: Any) -> Any:
+        check_json_value(value, "metadata")
+        return value
 
     @model_validator(mode="after")
     def _exactly_one_input(self) -> Prompt:
@@ -155,6 +215,20 @@ class Node(BaseModel):
     text: str = ""
     finish_reason: FinishReason | None = Field(default=None, description="Set on leaves only.")
     policy_version: int = 0
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _finite(cls, value: Any) -> Any:
+        """-inf/NaN (or null from an older writer) -> LOGPROB_FLOOR: the tree always serialises and parses."""
+        if not isinstance(value, list):
+            return value
+        return [_floored(v) for v in value]
+
+
+def _floored(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return LOGPROB_FLOOR
+    return max(value, LOGPROB_FLOOR) if isinstance(value, int | float) else value
 
 
 class TreeStats(BaseModel):

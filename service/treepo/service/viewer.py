@@ -92,20 +92,22 @@ def _layout(tree: Tree) -> tuple[dict[str, _Box], dict[str, list[str]]]:
         children.setdefault(node.parent or ROOT, []).append(node.id)
     boxes: dict[str, _Box] = {}
     next_row = 0
-
-    def place(node_id: str, depth: int) -> _Box:
-        nonlocal next_row
-        kids = [place(kid, depth + 1) for kid in children.get(node_id, [])]
+    # Iterative post-order (a recursive walk hits Python's recursion limit on trees ~500 segments deep).
+    stack: list[tuple[str, int, bool]] = [(ROOT, 0, False)]
+    while stack:
+        node_id, depth, expanded = stack.pop()
+        kids = children.get(node_id, [])
+        if kids and not expanded:
+            stack.append((node_id, depth, True))
+            stack.extend((kid, depth + 1, False) for kid in reversed(kids))
+            continue
         x = PAD + depth * (BOX_W + COL_GAP)
         if kids:
-            box = _Box(node_id, x, (kids[0].y + kids[-1].y) / 2, sum(k.num_leaves for k in kids))
+            first, last = boxes[kids[0]], boxes[kids[-1]]
+            boxes[node_id] = _Box(node_id, x, (first.y + last.y) / 2, sum(boxes[k].num_leaves for k in kids))
         else:
-            box = _Box(node_id, x, PAD + next_row * ROW_H, 1)
+            boxes[node_id] = _Box(node_id, x, PAD + next_row * ROW_H, 1)
             next_row += 1
-        boxes[node_id] = box
-        return box
-
-    place(ROOT, 0)
     return boxes, children
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
@@ -31,7 +33,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         _count(request, "invalid")
         assert isinstance(exc, RequestValidationError), f"{exc=}"
-        return await request_validation_exception_handler(request, exc)
+        return JSONResponse({"detail": [_safe_error(e) for e in exc.errors()]}, status_code=422)
 
     async def on_rollout_input(request: Request, exc: Exception) -> JSONResponse:
         _count(request, "invalid")
@@ -58,3 +60,20 @@ def install_error_handlers(app: FastAPI) -> None:
 
 def _count(request: Request, reason: str) -> None:
     request.app.state.metrics.rejected.labels(reason=reason).inc()
+
+
+def _safe_error(error: dict[str, Any]) -> dict[str, Any]:
+    """A validation error whose echoed input is valid UTF-8 JSON (NaN, lone surrogates, deep nesting would
+    otherwise turn the 422 into a 500): such an input is replaced by a short ASCII repr."""
+    error = dict(error)
+    error.pop("url", None)
+    try:
+        json.dumps(jsonable_encoder(error), allow_nan=False, ensure_ascii=False).encode("utf-8")
+        return jsonable_encoder(error)
+    except (ValueError, RecursionError, UnicodeEncodeError):
+        try:
+            error["input"] = ascii(error.get("input"))[:200]
+        except RecursionError:
+            error["input"] = "<nested too deep to echo>"
+        error.pop("ctx", None)
+        return jsonable_encoder(error)
