@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -39,6 +41,12 @@ def serve(
         str | None, typer.Option(help="Redis URL [env REDIS_URL / TREEPO_REDIS_URL].")
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug | info | warning | error.")] = "info",
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            help="Allow a non-loopback bind without TREEPO_API_TOKEN (anyone who can reach it can use it)."
+        ),
+    ] = False,
 ) -> None:
     """Start the TreePO rollout service (FastAPI + uvicorn); other settings: TREEPO_* variables."""
     import uvicorn
@@ -64,6 +72,9 @@ def serve(
     except ValidationError as exc:
         raise typer.BadParameter(str(exc)) from None
     _check_model(settings.engine, model)
+    refusal = bind_refusal(settings.host, settings.api_token is not None, insecure)
+    if refusal:
+        raise typer.BadParameter(refusal, param_hint="--host")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level.lower())
 
@@ -71,3 +82,28 @@ def serve(
 def _check_model(engine: EngineKind, model: str | None) -> None:
     if model is not None and engine != "scripted" and not Path(model).is_dir():
         raise typer.BadParameter(f"--model {model!r} is not a directory; give a local Hugging Face model dir")
+
+
+def bind_refusal(host: str, has_token: bool, insecure: bool) -> str | None:
+    """Why `host` may not be bound (None if it may): the service is open to anyone who reaches it, so a
+    non-loopback address needs a token, or an explicit --insecure."""
+    if has_token or insecure or is_loopback(host):
+        return None
+    return (
+        f"refusing to serve on {host!r} without a token: anyone who can reach it could sample and replace the "
+        "weights. Set TREEPO_API_TOKEN=<secret> (clients send 'Authorization: Bearer <secret>'), bind "
+        "--host 127.0.0.1, or pass --insecure on a trusted network"
+    )
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and names that resolve only to them (e.g. localhost)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
