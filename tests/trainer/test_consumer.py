@@ -210,7 +210,7 @@ class TestIdempotency:
         batch = consumer.assemble_batch(2, toy_reward, timeout_s=5)
         consumer.commit(batch.entry_ids, batch.tree_ids)
         assert consumer.stream.pending() == 0
-        assert client.smembers(trained_ledger("job", key_prefix)) == {b"a", b"b"}
+        assert client.hgetall(trained_ledger("job", key_prefix)) == {b"a": b"done", b"b": b"done"}
         consumer.commit_batch(batch)  # re-commit on resume: harmless
         assert consumer.is_trained(["a", "b", "c"]) == [True, True, False]
 

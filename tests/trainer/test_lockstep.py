@@ -48,7 +48,7 @@ def test_lockstep_batches_in_sequence_order_and_carries_extra_trees(
     assert run.feeder.submitted == 8, "no new prompts while carried trees last"
     stream = trees_stream(config.key_prefix)
     assert db.xpending(stream, config.group)["pending"] == len(lockstep.carry), "carried: pending"
-    assert db.scard(trained_ledger(config.group, config.key_prefix)) == 4
+    assert db.hlen(trained_ledger(config.group, config.key_prefix)) == 4
     records = run.log.read()
     assert [r["staleness_mean"] for r in records] == [0, 1], "fresh trees on-policy, carried one step old"
     seqs = [s for batch in recorder.batches for s in batch]

@@ -108,6 +108,11 @@ class TreeStream:
         self._in_flight.difference_update(ids)
         return int(results[-1]) if ids else 0
 
+    def forget(self, entry_ids: Iterable[str]) -> None:
+        """Stop tracking entries settled elsewhere (a Lua commit acked them, or another consumer took
+        them over)."""
+        self._in_flight.difference_update(entry_ids)
+
     def pending(self) -> int:
         """Entries delivered to the group and not yet acknowledged (all consumers)."""
         return int(self.redis.xpending(self.stream, self.group)["pending"])

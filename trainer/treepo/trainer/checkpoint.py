@@ -33,6 +33,8 @@ class TrainerState:
     policy_version: int = 0
     entry_ids: list[str] = field(default_factory=list)  # consumed by checkpointed steps, to XACK
     tree_ids: list[str] = field(default_factory=list)  # their trees, to add to the ledger
+    consumer: str = ""  # the consumer name that claimed them (commit checks the claim)
+    version_gaps: list[tuple[int, int]] = field(default_factory=list)  # see TreeConsumer.staleness
     extra: dict = field(default_factory=dict)
 
 
@@ -91,6 +93,7 @@ def load_checkpoint(
     if scheduler is not None and optim["scheduler"] is not None:
         scheduler.load_state_dict(optim["scheduler"])
     state = TrainerState(**json.loads((path / STATE_FILE).read_text()))
+    state.version_gaps = [(int(first), int(last)) for first, last in state.version_gaps]
     logger.info("resumed from %s at step %d", path, state.step)
     return state
 

@@ -1,9 +1,10 @@
-"""Trainer-side queue logic: assemble a batch of scored trees, then commit it after the checkpoint.
+"""Trainer-side queue logic: assemble a batch of scored trees, claim it, then commit it after the checkpoint.
 
-At-least-once delivery (TreeStream) plus an idempotency ledger (a Redis set of trained tree ids) means no
-tree is lost and none is trained twice. Trees that cannot be trained (already trained, too stale,
-filtered by DAPO dynamic sampling, corrupt) are counted and acked at once; kept trees are acked by
-`commit`, together with their ledger entry, only after the optimizer step that used them is saved.
+At-least-once delivery (TreeStream) plus a fenced ledger (fencing.py: a Redis hash tree id -> claim/done)
+means no tree is lost and none is trained twice, even by two consumers of one group. Trees that cannot
+be trained (already trained, too stale or from the future, filtered by DAPO dynamic sampling, corrupt)
+are counted and acked at once; kept trees are claimed right before the optimizer step (`claim`) and
+marked done + acked by `commit` only after the checkpoint of the step that used them is saved.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from treepo.client.constants import TREE_FIELD, rewards_key, trained_ledger
 from treepo.client.schema import Tree
 from treepo.client.stream import StreamedTree, TreeStream
+from treepo.trainer.fencing import DONE, Fence, FenceResult
 from treepo.trainer.rewards import OverlongPenalty, RewardFn, TreeScores, dynamic_filter, score_tree
 
 logger = logging.getLogger(__name__)
@@ -28,7 +30,7 @@ class ScoredTree:
     entry_id: str
     tree: Tree
     scores: TreeScores
-    staleness: int  # current policy version - the tree's policy version
+    staleness: int  # policy versions between the tree's sampling weights and the trained weights
 
     @property
     def rewards(self) -> list[float]:
@@ -51,6 +53,8 @@ class BatchCounts:
     num_kept: int = 0
     num_duplicates: int = 0  # already trained (ledger) or already in an uncommitted batch
     num_stale: int = 0
+    num_future: int = 0  # sampled with a newer policy version than the trainer's: an error, skipped
+    num_fenced: int = 0  # lost to another consumer of the group before the optimizer step
     num_filtered: int = 0  # DAPO dynamic sampling: all leaves scored the same
     num_all_correct: int = 0
     num_all_wrong: int = 0
@@ -100,7 +104,11 @@ class TreeConsumer:
     overlong: OverlongPenalty | None = None
     rewards_ttl_s: int | None = 24 * 3600  # leaf rewards written back for the tree viewer; None: off
     max_unscorable: int = 8  # this many unscorable trees in a row means a misconfigured reward: stop
+    # (first, last) policy versions that stand for the weights of version first - 1 (a resume), see
+    # `staleness`.
+    version_gaps: list[tuple[int, int]] = field(default_factory=list)
     totals: BatchCounts = field(default_factory=BatchCounts)
+    fence: Fence = field(init=False)
     _num_unscorable_in_a_row: int = 0
     _uncommitted: set[str] = field(default_factory=set)  # tree ids handed out, not yet committed
 
@@ -109,6 +117,8 @@ class TreeConsumer:
             raise ValueError(f"max_staleness must be >= 0 or None (got {self.max_staleness})")
         if self.max_unscorable < 1:
             raise ValueError(f"max_unscorable must be >= 1 (got {self.max_unscorable})")
+        stream = self.stream
+        self.fence = Fence(stream.redis, stream.stream, self.ledger, stream.group, stream.consumer)
 
     @property
     def ledger(self) -> str:
@@ -141,18 +151,35 @@ class TreeConsumer:
         self._uncommitted.update(t.tree.tree_id for t in kept)
         return Batch(kept, counts, is_full=len(kept) >= num_prompts)
 
-    def commit(self, entry_ids: Sequence[str], tree_ids: Sequence[str]) -> None:
-        """Mark trees trained and ack their entries in one MULTI/EXEC. Call it after the checkpoint
-        of the step that used them is saved; calling it again (on resume) is harmless."""
-        ledger = self.ledger
-        tree_ids = list(tree_ids)
+    def claim(self, batch: Batch) -> Batch:
+        """Fence the batch right before its optimizer step (fencing.py): keep only the trees this
+        consumer could claim; ack copies of trees already trained or claimed by a live consumer."""
+        result = self.fence.claim(batch.entry_ids, batch.tree_ids)
+        kept = [t for t, s in zip(batch.trees, result.statuses, strict=True) if s == "claimed"]
+        dup = [t for t, s in zip(batch.trees, result.statuses, strict=True) if s in ("trained", "busy")]
+        lost = [t for t, s in zip(batch.trees, result.statuses, strict=True) if s == "lost"]
+        if dup or lost:
+            logger.warning("fenced %d trees out of the step: %d trained or claimed elsewhere, %d taken over",
+                           len(dup) + len(lost), len(dup), len(lost))  # fmt: skip
+        self.stream.ack([t.entry_id for t in dup])
+        self.stream.forget([t.entry_id for t in lost])
+        self._uncommitted.difference_update(t.tree.tree_id for t in dup + lost)
+        counts = BatchCounts(num_duplicates=len(dup), num_fenced=len(lost))
+        self.totals.add(counts)
+        batch.counts.add(counts)
+        return Batch(kept, batch.counts, batch.is_full and not (dup or lost))
 
-        def add_to_ledger(pipe) -> None:
-            if tree_ids:
-                pipe.sadd(ledger, *tree_ids)
-
-        self.stream.ack(entry_ids, also=add_to_ledger)
+    def commit(
+        self, entry_ids: Sequence[str], tree_ids: Sequence[str], *, claimant: str | None = None
+    ) -> FenceResult:
+        """Mark claimed trees trained and ack their entries, atomically (fencing.py). Call it after the
+        checkpoint of the step that used them is saved; calling it again (on resume) is harmless."""
+        result = self.fence.commit(list(entry_ids), list(tree_ids), claimant=claimant)
+        if num_fenced := result.count("fenced"):
+            logger.warning("%d trees were fenced out at commit: another consumer took them over", num_fenced)
+        self.stream.forget(entry_ids)
         self._uncommitted.difference_update(tree_ids)
+        return result
 
     def commit_batch(self, batch: Batch) -> None:
         self.commit(batch.entry_ids, batch.tree_ids)
@@ -174,8 +201,22 @@ class TreeConsumer:
         self.totals.num_stale += len(trees)
 
     def is_trained(self, tree_ids: Iterable[str]) -> list[bool]:
-        ids = list(tree_ids)
-        return [bool(flag) for flag in self.stream.redis.smismember(self.ledger, ids)] if ids else []
+        return [state == DONE for state in self.fence.states(list(tree_ids))]
+
+    def staleness(self, sampled_version: int, current_version: int) -> int:
+        """Policy versions between a tree's sampling weights and the weights being trained. Versions in a
+        gap (a lineage lost to a resume, and the version the resumed checkpoint weights were pushed
+        under) stand for the checkpoint's weights. Negative: the tree is newer than our weights."""
+        if sampled_version > current_version:
+            return current_version - sampled_version
+        return self._effective(current_version) - self._effective(sampled_version)
+
+    def _effective(self, version: int) -> int:
+        effective = version
+        for first, last in self.version_gaps:
+            if version >= first:
+                effective -= min(version, last) - first + 1
+        return effective
 
     # Internal helpers
 
@@ -190,13 +231,17 @@ class TreeConsumer:
         seen = set(self._uncommitted)
         for item, is_trained in zip(delivered, trained, strict=True):
             tree = item.tree
-            staleness = current_version - tree.policy_version
+            staleness = self.staleness(tree.policy_version, current_version)
             if is_trained or tree.tree_id in seen:
                 counts.num_duplicates += 1
                 logger.info("skipping tree %s (entry %s): already trained", tree.tree_id, item.entry_id)
             elif not tree.leaves:
                 counts.num_empty += 1
                 logger.warning("skipping tree %s (entry %s): it has no leaves", tree.tree_id, item.entry_id)
+            elif staleness < 0:
+                counts.num_future += 1
+                logger.error("skipping tree %s: sampled with policy version %d, newer than the trainer's %d",
+                             tree.tree_id, tree.policy_version, current_version)  # fmt: skip
             elif self.max_staleness is not None and staleness > self.max_staleness:
                 counts.num_stale += 1
             elif (scored := self._score(item, reward_fn, staleness, counts)) is None:

@@ -83,7 +83,7 @@ class LockstepAssembler:
 
     def _take_carry(self, batch: Batch, num_prompts: int, version: int) -> None:
         for tree in self.carry:
-            tree.staleness = version - tree.tree.policy_version
+            tree.staleness = self.consumer.staleness(tree.tree.policy_version, version)
         too_old = self.max_staleness is not None
         stale = [t for t in self.carry if too_old and t.staleness > self.max_staleness]
         fresh = [t for t in self.carry if not (too_old and t.staleness > self.max_staleness)]

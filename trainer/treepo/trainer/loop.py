@@ -1,9 +1,11 @@
 """The training loop of `treepo train`: feed prompts, pull scored trees, step, push weights, checkpoint, ack.
 
 Order per step (why): 1) assemble a batch from the queue (the feeder keeps sampling meanwhile);
-2) one training step; 3) push the new weights so sampling moves on at once; 4) every `checkpoint_every`
-steps save a checkpoint, and only then XACK (+ ledger) the trees the checkpointed steps used. A crash
-before 4) redelivers those trees to the resumed run, whose weights predate them: each is trained once.
+2) claim its trees in the fenced ledger (fencing.py) and drop those another consumer holds or trained;
+3) one training step; 4) push the new weights so sampling moves on at once; 5) every `checkpoint_every`
+steps save a checkpoint, and only then commit (ledger done + XACK, one Lua script) the trees the
+checkpointed steps used. A crash before 5) redelivers those trees to the resumed run (same consumer
+name), whose weights predate them and which re-claims them: each is trained once.
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class TrainingRun:
 
     def step(self) -> dict[str, Any]:
         started = time.perf_counter()
+        self.consumer.fence.touch(self.state.entry_ids)  # held across steps: not idle, not taken over
         batch = self._assemble()
         waited = time.perf_counter() - started
         rows = [row for t in batch.trees for row in rows_from_tree(t.tree, t.rewards, t.is_correct)]
@@ -106,21 +109,24 @@ class TrainingRun:
     def _assemble(self) -> Batch:
         """Wait for a full batch, failing loudly if the feeder died or nothing arrives for too long."""
         if self.lockstep is not None:
-            return self.lockstep.assemble(
+            batch = self.lockstep.assemble(
                 self.config.prompts_per_step,
                 self.reward_fn,
                 current_version=self.state.policy_version,
                 give_up=self._too_many_reads,
             )
+            return self.consumer.claim(batch)
         batch = Batch([], BatchCounts(), is_full=False)
         last_progress = time.monotonic()
         while len(batch.trees) < self.config.prompts_per_step:
             self.feeder.check()
-            more = self.consumer.assemble_batch(
-                self.config.prompts_per_step - len(batch.trees),
-                self.reward_fn,
-                current_version=self.state.policy_version,
-                timeout_s=2.0,
+            more = self.consumer.claim(
+                self.consumer.assemble_batch(
+                    self.config.prompts_per_step - len(batch.trees),
+                    self.reward_fn,
+                    current_version=self.state.policy_version,
+                    timeout_s=2.0,
+                )
             )
             batch.trees += more.trees
             batch.counts.add(more.counts)
@@ -171,7 +177,7 @@ class TrainingRun:
             self.state,
             keep=self.config.keep_checkpoints,
         )
-        self.consumer.commit(self.state.entry_ids, self.state.tree_ids)  # XACK only now
+        self.consumer.commit(self.state.entry_ids, self.state.tree_ids)  # ledger done + XACK only now
         self.state.entry_ids, self.state.tree_ids = [], []
         return time.perf_counter() - started
 
@@ -231,6 +237,8 @@ def build_run(config: TrainConfig, *, resume: bool = False, log_every_push: bool
     pusher = WeightPusher(client, config.weights_dir or Path(config.output_dir) / "weights")
     state = _restore(config, trainer, consumer) if resume else TrainerState()
     _sync_service_version(client, pusher, policy, state, resumed=resume)
+    state.consumer = config.consumer
+    consumer.version_gaps = state.version_gaps  # one list: saved with every checkpoint
     feeder = _build_feeder(config, client, state)
     prometheus = TrainerMetrics()
     if config.metrics_port is not None:
@@ -266,7 +274,8 @@ def _restore(config: TrainConfig, trainer: Trainer, consumer: TreeConsumer) -> T
             f"--resume: no checkpoint under {config.output_dir}/checkpoints; start without --resume"
         )
     state = load_checkpoint(path, trainer.policy.model, trainer.optimizer, trainer.scheduler)
-    consumer.commit(state.entry_ids, state.tree_ids)  # a crash may have come between checkpoint and XACK
+    # A crash may have come between checkpoint and commit; the claims are under the checkpoint's name.
+    consumer.commit(state.entry_ids, state.tree_ids, claimant=state.consumer or None)
     state.entry_ids, state.tree_ids = [], []
     return state
 
@@ -279,7 +288,10 @@ def _sync_service_version(
     served = client.weights().policy_version
     if not resumed and served == 0:
         return
-    state.policy_version = max(served, state.policy_version) + 1
+    restored = state.policy_version
+    state.policy_version = max(served, restored) + 1
+    if resumed:  # versions restored+1 .. new stand for the checkpoint's weights (TreeConsumer.staleness)
+        state.version_gaps.append((restored + 1, state.policy_version))
     pusher.push(policy.model, state.policy_version)
 
 
