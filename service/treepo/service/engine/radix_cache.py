@@ -4,6 +4,8 @@ Each edge holds a run of token ids (`key`) and the KV-pool slot of each of those
 A path root -> node spells a cached token sequence; its KV lives in the concatenated slots. Nodes in use by
 a running batch are locked (`inc_lock_ref` locks the whole path to the root) and never evicted; unlocked
 leaves are evicted least recently used first, and their slots handed to `on_evict` (the pool's free list).
+Eviction pops a heap of candidate leaves (pushed when a leaf appears or is unlocked; entries made stale by
+a later access or lock are re-checked when popped), so it never scans the whole tree.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class RadixCache:
     def __init__(self, on_evict: Callable[[torch.Tensor], None] | None = None) -> None:
         self.on_evict = on_evict or (lambda slots: None)
         self._clock = itertools.count(1)
+        self._tiebreak = itertools.count()
         self.reset()
 
     # Public API
@@ -72,6 +75,7 @@ class RadixCache:
         self.root.lock_ref = 1  # the root is never evicted
         self._evictable = 0
         self._protected = 0
+        self._heap: list[tuple[int, int, TreeNode]] = []  # (last_access, tiebreak, candidate leaf)
 
     def match_prefix(self, key: Sequence[int]) -> MatchResult:
         """Longest cached prefix of `key`; splits a node so the match ends on a node boundary."""
@@ -111,6 +115,7 @@ class RadixCache:
             leaf.last_access = now
             node.children[key[pos]] = leaf
             self._evictable += len(leaf.key)
+            self._push(leaf)
         return pos
 
     def inc_lock_ref(self, node: TreeNode) -> None:
@@ -130,19 +135,25 @@ class RadixCache:
             if node.lock_ref == 0:
                 self._evictable += len(node.key)
                 self._protected -= len(node.key)
+                if node.is_leaf:
+                    self._push(node)
             node = node.parent
 
     def evict(self, num_tokens: int) -> int:
         """Free >= `num_tokens` tokens of unlocked leaves, least recently used first; returns the count."""
-        heap = [(leaf.last_access, id(leaf), leaf) for leaf in self._leaves() if leaf.lock_ref == 0]
-        heapq.heapify(heap)
         freed = 0
-        while freed < num_tokens and heap:
-            _, _, leaf = heapq.heappop(heap)
+        while freed < num_tokens and self._heap:
+            access, _, leaf = heapq.heappop(self._heap)
+            if leaf.parent is None or not leaf.is_leaf or leaf.lock_ref > 0:
+                continue  # removed, grown or locked since it was pushed
+            if access < leaf.last_access:
+                self._push(leaf)  # used since: back in line at its new time
+                continue
             freed += self._remove_leaf(leaf)
             parent = leaf.parent
+            leaf.parent = None
             if parent is not self.root and parent.is_leaf and parent.lock_ref == 0:
-                heapq.heappush(heap, (parent.last_access, id(parent), parent))
+                self._push(parent)
         if freed:
             logger.debug("evicted %d tokens", freed)
         return freed
@@ -182,15 +193,12 @@ class RadixCache:
         self.on_evict(leaf.value)
         return len(leaf.key)
 
-    def _leaves(self) -> list[TreeNode]:
-        leaves, stack = [], list(self.root.children.values())
-        while stack:
-            node = stack.pop()
-            if node.is_leaf:
-                leaves.append(node)
-            else:
-                stack.extend(node.children.values())
-        return leaves
+    def _push(self, leaf: TreeNode) -> None:
+        heapq.heappush(self._heap, (leaf.last_access, next(self._tiebreak), leaf))
+        if len(self._heap) > 4 * self.total_size + 64:  # amortised: drop entries of removed nodes
+            live = {id(entry[2]): entry for entry in self._heap if entry[2].parent is not None}
+            self._heap = list(live.values())  # one entry per node: at most total_size
+            heapq.heapify(self._heap)
 
 
 def _shared_length(edge: tuple[int, ...], key: tuple[int, ...], start: int) -> int:

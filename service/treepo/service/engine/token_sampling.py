@@ -39,17 +39,27 @@ class SamplingBatch:
         vocab_size: int,
         device: torch.device,
     ) -> SamplingBatch:
-        uniforms = []
-        for seed in seeds:
-            generator = torch.Generator()
-            generator.manual_seed(seed % 2**63)
-            uniforms.append(torch.rand(max_steps, generator=generator))
+        uniforms = torch.tensor([draw_uniforms(seed, max_steps) for seed in seeds])  # (B, max_steps)
+        return cls.from_rows(temperatures, top_ps, top_ks, uniforms, vocab_size=vocab_size, device=device)
+
+    @classmethod
+    def from_rows(
+        cls,
+        temperatures: Sequence[float],
+        top_ps: Sequence[float],
+        top_ks: Sequence[int],
+        uniforms: torch.Tensor,
+        *,
+        vocab_size: int,
+        device: torch.device,
+    ) -> SamplingBatch:
+        """A batch whose row i draws its k-th next token with `uniforms[i, k]`, (B, steps) float32."""
         top_ks = [k if k >= 1 else vocab_size for k in top_ks]
         return cls(
             temperature=torch.tensor(temperatures, dtype=torch.float32, device=device),
             top_p=torch.tensor(top_ps, dtype=torch.float32, device=device),
             top_k=torch.tensor(top_ks, dtype=torch.int64, device=device),
-            uniforms=torch.stack(uniforms).to(device),  # (B, max_steps)
+            uniforms=uniforms.to(device=device, dtype=torch.float32),
             is_all_greedy=all(t == 0 for t in temperatures),
             is_filtered=any(k < vocab_size for k in top_ks) or any(p < 1 for p in top_ps),
         )
@@ -66,6 +76,13 @@ class SamplingBatch:
             is_filtered=self.is_filtered,
             step=self.step,
         )
+
+
+def draw_uniforms(seed: int, n: int) -> list[float]:
+    """The `n` uniforms a request with `seed` draws its tokens with (its k-th token uses the k-th)."""
+    generator = torch.Generator()
+    generator.manual_seed(seed % 2**63)
+    return torch.rand(n, generator=generator).tolist()
 
 
 def sample_next(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,124 @@
+"""Per-row slot tables into the KV pool, owned together with the radix tree (the prefix cache).
+
+A running row's table lists the pool slot of each of its tokens in order: first the cached prefix (slots
+owned by the tree, locked while the row runs), then slots the row allocated for tokens it computed. When
+the row's input is computed it goes into the tree (siblings arriving later hit it); when the row stops,
+its whole sequence does. Admission reserves the worst case (input + max_new_tokens) against the KV token
+budget, so a step's allocation never fails: it only evicts unlocked cache.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from treepo.service.engine.radix_cache import RadixCache, TreeNode
+from treepo.service.engine.sequence import Sequence
+from treepo.service.engine.slot_pool import KVPool, KVShape
+
+logger = logging.getLogger(__name__)
+
+
+class BlockManager:
+    """Slot tables, locks and the KV token budget of the running rows."""
+
+    def __init__(self, capacity: int, shape: KVShape, *, device: torch.device | str = "cpu") -> None:
+        self.pool = KVPool(capacity, shape, device=device)
+        self.radix = RadixCache(on_evict=self.pool.free)
+        self.tables: dict[int, torch.Tensor] = {}  # seq_id -> (max_slots,) int64 slots
+        self._locked: dict[int, TreeNode] = {}  # seq_id -> the tree node its cached prefix ends at
+        self._tree_length: dict[int, int] = {}  # seq_id -> leading table entries owned by the tree
+        self._allocated: dict[int, int] = {}  # seq_id -> table entries filled so far
+        self.num_reserved = 0  # slots promised to running rows and not allocated yet
+        self.num_owned = 0  # slots held by running rows outside the tree
+        self.peak_active_tokens = 0  # max over steps of slots the running rows hold or lock
+
+    # Public API
+
+    def try_admit(self, seq: Sequence) -> bool:
+        """Lock the row's cached prefix and reserve its worst-case slots, or leave it waiting."""
+        match = self.radix.match_prefix(seq.token_ids)
+        cached = min(match.length, seq.num_input_tokens - 1)  # one input token computed: its logits
+        self.radix.inc_lock_ref(match.last_node)
+        need = seq.max_slots - cached
+        if need > self.pool.num_free + self.radix.evictable_size - self.num_reserved:
+            self.radix.dec_lock_ref(match.last_node)
+            return False
+        table = torch.zeros(seq.max_slots, dtype=torch.int64)
+        table[:cached] = match.indices[:cached]
+        self.tables[seq.seq_id] = table
+        self._locked[seq.seq_id] = match.last_node
+        self._tree_length[seq.seq_id] = self._allocated[seq.seq_id] = cached
+        self.num_reserved += need
+        seq.num_cached_tokens = seq.num_computed = cached
+        return True
+
+    def allocate_step(self, rows: list[Sequence]) -> torch.Tensor:
+        """Slots for every token fed this step, (sum of num_scheduled,) in row order, written into tables."""
+        total = sum(seq.num_scheduled for seq in rows)
+        if self.pool.num_free < total:
+            self.radix.evict(total - self.pool.num_free)
+        slots = self.pool.alloc(total)
+        assert slots is not None, f"{total=} {self.pool.num_free=} {self.num_reserved=}"
+        start = 0
+        for seq in rows:
+            begin = self._allocated[seq.seq_id]
+            assert begin == seq.num_computed, f"{begin=} {seq.num_computed=}"
+            self.tables[seq.seq_id][begin : begin + seq.num_scheduled] = slots[
+                start : start + seq.num_scheduled
+            ]
+            self._allocated[seq.seq_id] = begin + seq.num_scheduled
+            start += seq.num_scheduled
+        self.num_reserved -= total
+        self.num_owned += total
+        self.peak_active_tokens = max(self.peak_active_tokens, self.num_active_tokens)
+        return slots
+
+    def cache_input(self, seq: Sequence) -> None:
+        """Put the row's computed input into the tree and lock it there instead of the old match."""
+        length = seq.num_input_tokens
+        node = self._insert(seq, length)
+        self.radix.inc_lock_ref(node)
+        self.radix.dec_lock_ref(self._locked[seq.seq_id])
+        self._locked[seq.seq_id] = node
+
+    def release(self, seq: Sequence) -> None:
+        """The row stopped (finished or aborted): cache what it computed, free the rest, unlock."""
+        seq_id = seq.seq_id
+        if seq.num_computed > self._tree_length[seq_id]:
+            self._insert(seq, seq.num_computed)
+        allocated, computed = self._allocated.pop(seq_id), seq.num_computed
+        if allocated > computed:  # a failed step's slots
+            self.pool.free(self.tables[seq_id][computed:allocated])
+            self.num_owned -= allocated - computed
+        self.radix.dec_lock_ref(self._locked.pop(seq_id))
+        self.num_reserved -= seq.max_slots - allocated
+        del self.tables[seq_id], self._tree_length[seq_id]
+
+    def flush(self) -> None:
+        """Drop the whole prefix cache (after a weight update); no row may be running."""
+        assert not self.tables and self.radix.protected_size == 0, f"{len(self.tables)=}"
+        self.radix.reset()
+        self.pool.clear()
+
+    @property
+    def num_active_tokens(self) -> int:
+        """Slots the running rows use now: locked cached prefixes + their own computed tokens."""
+        return self.radix.protected_size + self.num_owned
+
+    # Internal helpers
+
+    def _insert(self, seq: Sequence, length: int) -> TreeNode:
+        """Insert the row's first `length` tokens; rows owning duplicates free them and use the tree's."""
+        seq_id, table = seq.seq_id, self.tables[seq.seq_id]
+        owned_from = self._tree_length[seq_id]
+        present = self.radix.insert(seq.token_ids[:length], table[:length])
+        if present > owned_from:  # another row cached these tokens meanwhile
+            self.pool.free(table[owned_from:present].clone())
+        match = self.radix.match_prefix(seq.token_ids[:length])
+        assert match.length == length, f"{match.length=} {length=}"
+        table[:length] = match.indices
+        self.num_owned -= length - owned_from
+        self._tree_length[seq_id] = length
+        return match.last_node
