@@ -74,3 +74,18 @@ async def test_an_invalid_request_fails_alone(tiny_model_path, reference_model):
     assert results[0].output_ids == hf_greedy(reference_model, PROMPTS[0], 6)
     assert isinstance(results[1], EngineRequestError)
     engine.close()
+
+
+async def test_a_request_joining_mid_decode_matches_transformers(tiny_model_path, reference_model):
+    engine = ContinuousEngine(tiny_model_path, eos_token_ids=())
+    first = asyncio.create_task(engine.generate(greedy(PROMPTS[0], 60)))
+    while engine.num_forward_passes < 3:
+        await asyncio.sleep(0.001)
+    assert not first.done()
+    second = await engine.generate(greedy(PROMPTS[2], 8))
+    assert not first.done()  # the joiner finished while the first row kept decoding
+    assert second.output_ids == hf_greedy(reference_model, PROMPTS[2], 8)
+    assert (await first).output_ids == reference_model.generate(
+        torch.tensor([PROMPTS[0]]), max_new_tokens=60, min_new_tokens=60, do_sample=False, pad_token_id=0
+    )[0, len(PROMPTS[0]) :].tolist()
+    engine.close()

@@ -41,6 +41,7 @@ class _Group:
     query_valid: torch.Tensor  # (B, Q) bool
     key_slots: torch.Tensor  # (B, K) pool slots (PAD_SLOT where padded)
     mask: torch.Tensor  # (B, 1, Q, K) bool: True = attend
+    is_whole_step: bool = False  # one query per row covering the step's tokens in order (pure decode)
 
 
 def kv_shape(model: torch.nn.Module, dtype: torch.dtype) -> KVShape:
@@ -100,12 +101,15 @@ class ModelRunner:
         out = torch.empty_like(q)  # (T, H, D)
         keys, values = self.pool.keys[layer_index], self.pool.values[layer_index]  # (S, Hkv, D)
         for group in groups:
-            query = q[group.query_index].transpose(1, 2)  # (B, H, Q, D)
+            # (B, H, Q, D); a decode-only step needs no gather or scatter back
+            query = q[:, :, None, :] if group.is_whole_step else q[group.query_index].transpose(1, 2)
             key = keys[group.key_slots].transpose(1, 2).to(q.dtype)  # (B, Hkv, K, D)
             value = values[group.key_slots].transpose(1, 2).to(q.dtype)
             attended = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=group.mask, scale=attn.scaling, enable_gqa=True
             )  # (B, H, Q, D)
+            if group.is_whole_step:
+                return attn.o_proj(attended[:, :, 0].reshape(num_tokens, -1))  # (T, C)
             out[group.query_index[group.query_valid]] = attended.transpose(1, 2)[group.query_valid]
         return attn.o_proj(out.view(num_tokens, -1))  # (T, C)
 
@@ -117,11 +121,10 @@ class ModelRunner:
             offset += len(row.token_ids)
         single = [i for i, row in enumerate(rows) if len(row.token_ids) == 1]
         chunks = [i for i, row in enumerate(rows) if len(row.token_ids) > 1]
-        return [
-            self._group([rows[i] for i in part], [offsets[i] for i in part])
-            for part in (single, chunks)
-            if part
-        ]
+        parts = [part for part in (single, chunks) if part]
+        groups = [self._group([rows[i] for i in part], [offsets[i] for i in part]) for part in parts]
+        groups[0].is_whole_step = not chunks
+        return groups
 
     def _group(self, rows: list[RowStep], offsets: list[int]) -> _Group:
         num_queries = max(len(row.token_ids) for row in rows)
