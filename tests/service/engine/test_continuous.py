@@ -52,9 +52,10 @@ async def test_eviction_under_a_tiny_budget_leaks_no_slot(tiny_model_path, refer
 
 
 async def test_cancel_aborts_the_row_and_releases_its_locks(tiny_model_path):
-    engine = ContinuousEngine(tiny_model_path)
+    engine = ContinuousEngine(tiny_model_path, eos_token_ids=())  # no early stop: still running when cancelled
     task = asyncio.create_task(engine.generate(GenerateRequest([5, 6], 400, temperature=1.0, seed=1)))
     while not engine.scheduler.running:
+        assert not task.done(), "the request ended before it could be cancelled"
         await asyncio.sleep(0.01)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
