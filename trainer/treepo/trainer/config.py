@@ -40,7 +40,10 @@ class TrainConfig:
     group: str = _help("Consumer group of this training job.", "trainer")
     consumer: str = field(default_factory=_default_consumer, metadata={"help": "Consumer name in the group."})
     output_dir: str = _help("Run directory: metrics.jsonl, checkpoints, plots.", "runs/train")
-    weights_dir: str = _help("Shared weights directory the service loads pushed weights from.", "")
+    weights_dir: str = _help(
+        "Shared weights directory the service loads pushed weights from (treepo serve's default too).",
+        "weights",
+    )
     device: str = _help("Torch device of the trainer.", "cpu")
     torch_threads: int = _help("CPU threads of the trainer's torch (0 = torch's default).", 0)
     seed: int = _help("Seed of the trainer, the feeder and the sampling requests.", 0)
