@@ -33,10 +33,11 @@ def test_dockerfile_runs_unprivileged_with_a_health_check(path: Path) -> None:
         assert "torch==2.13.0" in path.read_text() and "/whl/cpu" in path.read_text()
 
 
-def test_compose_file_is_valid_for_both_profiles() -> None:
+def test_compose_file_is_valid_for_both_profiles(monkeypatch: pytest.MonkeyPatch) -> None:
     compose = shutil.which("docker-compose")
     if compose is None:
         pytest.skip("docker-compose is not installed (Debian package docker-compose)")
+    monkeypatch.setenv("TREEPO_API_TOKEN", "test-token")  # compose requires one (test_compose_token.py)
     run(compose, "-f", "docker-compose.yml", "config", "--quiet")
     result = run(compose, "-f", "docker-compose.yml", "--profile", "gpu", "config", "--services")
     assert set(result.stdout.split()) == set(COMPOSE["services"])
