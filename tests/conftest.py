@@ -45,3 +45,57 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class PrivateRedis:
+    """A `redis-server` of this test alone (AOF on, fsync every second) on a free port, in `directory`."""
+
+    def __init__(self, directory, port: int) -> None:
+        self.directory, self.port = directory, port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.process = None
+
+    def start(self) -> PrivateRedis:
+        import shutil
+        import subprocess
+        import time
+
+        import redis
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server is not installed")
+        flags = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory)]
+        flags += ["--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--protected-mode", "no"]
+        self.process = subprocess.Popen([binary, *flags], stdout=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert self.process.poll() is None, "redis-server exited"
+                assert time.monotonic() < deadline, "redis-server did not answer"
+                time.sleep(0.02)
+        client.close()
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: what has not been fsynced to the AOF is lost, as in a crash."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    """A started PrivateRedis (killed after the test); `.kill()` and `.start()` again to simulate a crash."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    server = PrivateRedis(directory, port).start()
+    yield server
+    server.kill()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 DEFAULT_PREFIX = "treepo"
+DEFAULT_GROUP = "trainer"  # the trainer's consumer group; the service's queue depth counts it
 TREE_FIELD = "tree"  # stream entry field holding Tree.model_dump_json()
 FAILURE_FIELD = "failure"  # failures-stream entry field holding a JSON error record
 

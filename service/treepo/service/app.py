@@ -18,8 +18,9 @@ from treepo.service.api.routes import health, rollout, trees, weights
 from treepo.service.config import Settings
 from treepo.service.factory import EngineFactory, build_engine
 from treepo.service.jobs import QueueJobs
+from treepo.service.jobstore import JobStore
 from treepo.service.metrics import ServiceMetrics
-from treepo.service.queue import TreeQueue
+from treepo.service.queue import Retention, TreeQueue
 from treepo.service.runtime import EngineRuntime
 
 logger = logging.getLogger(__name__)
@@ -61,28 +62,39 @@ def _lifespan(settings: Settings, engine_factory: EngineFactory) -> Lifespan:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        redis = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
-        queue = TreeQueue(
-            redis,
-            settings.key_prefix,
-            tree_ttl_s=settings.tree_ttl_s,
-            idempotency_ttl_s=settings.idempotency_ttl_s,
+        redis = aioredis.Redis.from_url(
+            settings.redis_url, decode_responses=True, socket_connect_timeout=2.0, socket_timeout=10.0
+        )
+        queue = TreeQueue(redis, settings.key_prefix, _retention(settings), settings.training_groups)
+        store = JobStore(
+            redis, settings.key_prefix, lease_s=settings.job_lease_s, job_ttl_s=settings.job_ttl_s
         )
         runtime = EngineRuntime(settings, app.state.metrics, engine_factory)
-        jobs = QueueJobs(queue, app.state.metrics)
+        jobs = QueueJobs(queue, store, app.state.metrics, retry_window_s=settings.redis_retry_window_s)
         app.state.queue, app.state.runtime, app.state.jobs = queue, runtime, jobs
         loader = asyncio.create_task(runtime.load(), name="engine-load")
+        maintainer = asyncio.create_task(jobs.maintain(runtime), name="job-maintenance")
         try:
             yield
         finally:
-            await jobs.drain(settings.shutdown_grace_s)  # accepted trees finish or get failure records
-            loader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await loader
+            await jobs.drain(settings.shutdown_grace_s)  # accepted trees finish or are left to recovery
+            for task in (loader, maintainer):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await runtime.close()
             await redis.aclose()
 
     return lifespan
+
+
+def _retention(settings: Settings) -> Retention:
+    return Retention(
+        tree_ttl_s=settings.tree_ttl_s,
+        idempotency_ttl_s=settings.idempotency_ttl_s,
+        pending_lease_s=settings.idempotency_lease_s,
+        max_copy_bytes=settings.max_copy_bytes,
+    )
 
 
 def _route_methods(routes: list[BaseRoute]) -> tuple[tuple[str, str], ...]:

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from treepo.client.constants import DEFAULT_PREFIX
+from treepo.client.constants import DEFAULT_GROUP, DEFAULT_PREFIX
 
 EngineKind = Literal["embedded", "sglang", "scripted"]
 
@@ -55,8 +55,33 @@ class Settings(BaseSettings):
     weights_dir: Path = Field(
         default=Path("weights"), description="POST /weights paths must lie under it; uploads land in it."
     )
-    tree_ttl_s: int = Field(default=24 * 3600, ge=1, description="How long GET /trees/{id} keeps a tree.")
-    idempotency_ttl_s: int = Field(default=24 * 3600, ge=1)
+    tree_ttl_s: int = Field(default=3600, ge=1, description="How long GET /trees/{id} keeps a tree.")
+    idempotency_ttl_s: int = Field(default=3600, ge=1, description="How long a finished answer is replayed.")
+    idempotency_lease_s: int = Field(
+        default=60, ge=1, description="An in-progress Idempotency-Key whose owner died frees up after this."
+    )
+    max_copy_bytes: int = Field(
+        default=2**20,
+        ge=0,
+        description="Trees/answers larger than this get no GET /trees copy or replay body.",
+    )
+    training_groups: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: [DEFAULT_GROUP],
+        description="Consumer groups whose backlog is the queue depth (others, e.g. a dashboard, do not count).",
+    )
+    job_lease_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="A queue job whose owner stops renewing its lease is resumed after this.",
+    )
+    job_ttl_s: int = Field(
+        default=24 * 3600, ge=1, description="An unfinishable job record expires after this."
+    )
+    redis_retry_window_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="How long queue jobs retry Redis writes before leaving them to recovery.",
+    )
     api_token: SecretStr | None = Field(default=None, description="Bearer token; null = no auth.")
     max_batch_size: int | None = Field(
         default=None, ge=1, description="Requests per engine call; null = all."
@@ -71,6 +96,13 @@ class Settings(BaseSettings):
     scripted_latency_s: float = Field(
         default=0.0, ge=0, description="Per-call latency of the scripted engine."
     )
+
+    @field_validator("training_groups", mode="before")
+    @classmethod
+    def _split_groups(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [group.strip() for group in value.split(",") if group.strip()]
+        return value
 
     @field_validator("sglang_urls", mode="before")
     @classmethod

@@ -1,82 +1,147 @@
-"""Queue-mode sampling as background tasks that outlive their HTTP request; every accepted tree ends up
-in the trees stream or, failing that, as a record in the failures stream."""
+"""Queue-mode sampling as durable jobs: recorded in Redis before the 202 (JobStore), sampled by background
+tasks, resumed by any replica when their owner dies. Every accepted tree ends up, once, in the trees stream
+or as a record in the failures stream."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterable
+from typing import Any
 
+from redis.exceptions import RedisError
+
+from treepo.client import constants as names
 from treepo.client.schema import RolloutTreeRequest, Tree
+from treepo.service.jobstore import JobStore, StoredJob
 from treepo.service.metrics import ServiceMetrics
-from treepo.service.queue import TreeQueue
+from treepo.service.queue import TreeQueue, with_retries
 from treepo.service.rollout import PreparedPrompt, TreeFailure, sample_trees
-from treepo.service.runtime import Loaded
+from treepo.service.runtime import EngineRuntime, Loaded
 
 logger = logging.getLogger(__name__)
 
 
-class QueueJobs:
-    """Owns the running queue jobs; on shutdown gives them a grace period, then records what is left."""
+def job_record(request: RolloutTreeRequest, prompts: list[PreparedPrompt], request_id: str) -> dict[str, Any]:
+    """What a replica needs to re-sample the job's unfinished trees with the same ids and seeds."""
+    return {
+        "request_id": request_id,
+        "request": request.model_dump(mode="json"),
+        "prompts": [dataclasses.asdict(p) for p in prompts],
+    }
 
-    def __init__(self, queue: TreeQueue, metrics: ServiceMetrics) -> None:
-        self.queue = queue
-        self.metrics = metrics
-        self._tasks: set[asyncio.Task[None]] = set()
+
+class QueueJobs:
+    """Runs this process's jobs, keeps their leases (and held idempotency keys) alive, resumes dead ones."""
+
+    def __init__(
+        self, queue: TreeQueue, store: JobStore, metrics: ServiceMetrics, *, retry_window_s: float
+    ) -> None:
+        self.queue, self.store, self.metrics = queue, store, metrics
+        self.retry_window_s = retry_window_s
+        self.held_keys: set[str] = set()  # idempotency keys of inline/stream requests running here
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._draining = False
+        # renew well before the shorter of the two leases runs out
+        self.interval_s = min(store.lease_s, queue.retention.pending_lease_s) / 3
 
     @property
     def num_running(self) -> int:
         return len(self._tasks)
 
-    def submit(
-        self, loaded: Loaded, prompts: list[PreparedPrompt], request: RolloutTreeRequest, request_id: str
+    def start(
+        self, loaded: Loaded, job_id: str, prompts: list[PreparedPrompt], request: RolloutTreeRequest
     ) -> asyncio.Task[None]:
-        task = asyncio.create_task(
-            self._run(loaded, prompts, request, request_id), name=f"rollout-{request_id}"
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task = asyncio.create_task(self._run(loaded, job_id, prompts, request), name=f"rollout-{job_id}")
+        self._tasks[job_id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(job_id, None))
         return task
 
+    async def maintain(self, runtime: EngineRuntime) -> None:
+        """Forever: renew our leases and held keys, then take over jobs whose owner stopped renewing
+        (not while draining: a replica that is stopping only finishes what it has)."""
+        while True:
+            try:
+                await self.store.renew(list(self._tasks))
+                await self.queue.hold(self.held_keys)
+                if runtime.state == "ready" and not self._draining:
+                    for job in await self.store.claim_expired():
+                        self._resume(runtime.loaded, job)
+            except (RedisError, OSError):
+                logger.warning("job maintenance could not reach Redis; retrying", exc_info=True)
+            await asyncio.sleep(self.interval_s)
+
     async def drain(self, grace_s: float) -> None:
-        """Let running jobs finish for `grace_s`, then cancel them (they write failure records)."""
-        if not self._tasks:
+        """Let running jobs finish for `grace_s`, then cancel them: their unfinished trees stay in Redis and
+        their leases are given up, so the next replica (or this service restarted) re-samples them."""
+        self._draining = True
+        tasks = set(self._tasks.values())
+        if not tasks:
             return
-        logger.info("waiting up to %.0f s for %d queue jobs", grace_s, len(self._tasks))
-        _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
+        logger.info("waiting up to %.0f s for %d queue jobs", grace_s, len(tasks))
+        _, pending = await asyncio.wait(tasks, timeout=grace_s)
         for task in pending:
             task.cancel()
         if pending:
             await asyncio.wait(pending)
 
+    def _resume(self, loaded: Loaded, job: StoredJob) -> None:
+        if job.job_id in self._tasks:
+            return
+        request = RolloutTreeRequest.model_validate(job.record["request"])
+        prompts = [PreparedPrompt(**p) for p in job.record["prompts"] if p["tree_id"] in job.todo]
+        logger.info("resuming job %s: %d unfinished trees", job.job_id, len(prompts))
+        self.start(loaded, job.job_id, prompts, request)
+
     async def _run(
-        self, loaded: Loaded, prompts: list[PreparedPrompt], request: RolloutTreeRequest, request_id: str
+        self, loaded: Loaded, job_id: str, prompts: list[PreparedPrompt], request: RolloutTreeRequest
     ) -> None:
         unfinished = {prompt.tree_id: prompt for prompt in prompts}
         try:
             async for result in sample_trees(loaded.sampler, prompts, request, self.metrics):
-                await self._deliver(result, request_id)
+                await self._deliver(job_id, result)
                 unfinished.pop(result.tree_id if isinstance(result, Tree) else result.prompt.tree_id)
         except asyncio.CancelledError:
-            await self._fail_all(
-                unfinished.values(), "the service stopped before this tree was sampled", request_id
+            logger.info(
+                "job %s stopped with %d trees unsampled; leaving it to recovery", job_id, len(unfinished)
             )
+            with contextlib.suppress(RedisError, OSError):  # else its lease lapses by itself
+                await self.store.release(job_id)
             raise
-        except (
-            Exception
-        ) as exc:  # e.g. Redis down for good: record what can be recorded, never vanish silently
-            logger.exception("queue job %s failed", request_id)
-            await self._fail_all(unfinished.values(), f"{type(exc).__name__}: {exc}", request_id)
+        except RedisError:  # Redis down past the retry window: the lease lapses and a replica re-samples
+            logger.exception("job %s could not publish; leaving it to recovery", job_id)
+        except Exception as exc:  # never vanish silently: record what can be recorded
+            logger.exception("queue job %s failed", job_id)
+            await self._fail_all(
+                job_id, unfinished.values(), f"{type(exc).__name__}: {exc}", window_s=self.retry_window_s
+            )
 
-    async def _deliver(self, result: Tree | TreeFailure, request_id: str) -> None:
+    async def _deliver(self, job_id: str, result: Tree | TreeFailure, window_s: float | None = None) -> None:
         if isinstance(result, Tree):
-            await self.queue.publish(result)
+            stream, field, payload = self.queue.stream, names.TREE_FIELD, result.model_dump_json()
+            tree_id, copy_ttl = result.tree_id, self.queue.copy_ttl(payload)
         else:
-            await self.queue.publish_failure(result.record(request_id))
+            stream, field, payload = (
+                self.queue.failures,
+                names.FAILURE_FIELD,
+                self.queue.failure_payload(result.record(job_id)),
+            )
+            tree_id, copy_ttl = result.prompt.tree_id, 0
 
-    async def _fail_all(self, prompts: Iterable[PreparedPrompt], error: str, request_id: str) -> None:
+        async def publish() -> bool:
+            return await self.store.publish(job_id, tree_id, stream, field, payload, copy_ttl)
+
+        window = self.retry_window_s if window_s is None else window_s
+        if not await with_retries(publish, window):
+            logger.info("tree %s of job %s was already published; not adding it twice", tree_id, job_id)
+
+    async def _fail_all(
+        self, job_id: str, prompts: Iterable[PreparedPrompt], error: str, *, window_s: float
+    ) -> None:
         for prompt in list(prompts):
             try:
-                await self.queue.publish_failure(TreeFailure(prompt, error).record(request_id))
-            except Exception:  # Redis is gone too: the log is the last record left
+                await self._deliver(job_id, TreeFailure(prompt, error), window_s)
+            except (RedisError, OSError):  # Redis is gone too: the lease lapses, recovery re-samples it
                 logger.exception("could not record the failure of tree %s: %s", prompt.tree_id, error)

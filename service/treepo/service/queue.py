@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -12,7 +13,7 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from treepo.client import constants as names
@@ -36,45 +37,54 @@ class IdempotencyRecord:
     status: int = 0
     media_type: str = "application/json"
     body: str = ""
+    job: str | None = None  # a queue request's job id: a replay reports how many of its trees remain
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+
+@dataclass(slots=True, frozen=True)
+class Retention:
+    """How long (and up to what size) Redis keeps what it does not strictly need."""
+
+    tree_ttl_s: int  # GET /trees/{id} copies
+    idempotency_ttl_s: int  # finished idempotency records
+    pending_lease_s: int  # an in-progress idempotency key whose owner stops renewing it frees up after this
+    max_copy_bytes: int  # larger trees / answers are not copied (GET /trees 404, a replay says so)
 
 
 class TreeQueue:
-    """Producer side of the queue. Stream entries never get trimmed here: backpressure is a 429 instead."""
+    """Producer side of the queue: stream names, tree copies, idempotency records and queue statistics."""
 
-    def __init__(
-        self, redis: aioredis.Redis, prefix: str, *, tree_ttl_s: int, idempotency_ttl_s: int
-    ) -> None:
+    def __init__(self, redis: aioredis.Redis, prefix: str, retention: Retention, groups: list[str]) -> None:
         self.redis = redis
         self.prefix = prefix
         self.stream = names.trees_stream(prefix)
         self.failures = names.failures_stream(prefix)
-        self._tree_ttl_s = tree_ttl_s
-        self._idem_ttl_s = idempotency_ttl_s
+        self.retention = retention
+        self.groups = groups  # the training groups whose backlog is the queue depth
 
     # Public API
 
-    async def publish(self, tree: Tree) -> str:
-        """XADD the tree and keep it for GET /trees/{id}, atomically; returns the stream entry id."""
-        payload = tree.model_dump_json()
+    def copy_ttl(self, payload: str) -> int:
+        """TTL of a tree copy for GET /trees/{id}; 0 (no copy) above the byte budget."""
+        return self.retention.tree_ttl_s if len(payload) <= self.retention.max_copy_bytes else 0
 
-        async def write() -> str:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.xadd(self.stream, {names.TREE_FIELD: payload})
-                pipe.set(names.tree_key(tree.tree_id, self.prefix), payload, ex=self._tree_ttl_s)
-                entry_id, _ = await pipe.execute()
-            return entry_id
-
-        return await _with_retries(write)
+    @staticmethod
+    def failure_payload(record: dict[str, Any]) -> str:
+        return json.dumps({**record, "time": time.time()})
 
     async def remember(self, tree: Tree) -> None:
-        """Keep an inline/stream-delivered tree for GET /trees/{id} (not queued)."""
-        key = names.tree_key(tree.tree_id, self.prefix)
-        await _with_retries(lambda: self.redis.set(key, tree.model_dump_json(), ex=self._tree_ttl_s))
-
-    async def publish_failure(self, record: dict[str, Any]) -> None:
-        """An accepted tree that could not be sampled: its error record, so nothing accepted vanishes."""
-        payload = json.dumps({**record, "time": time.time()})
-        await _with_retries(lambda: self.redis.xadd(self.failures, {names.FAILURE_FIELD: payload}))
+        """Keep an inline/stream-delivered tree for GET /trees/{id}, best effort: the caller gets its tree
+        even when Redis is down or the tree is over the byte budget."""
+        payload = tree.model_dump_json()
+        ttl = self.copy_ttl(payload)
+        if not ttl:
+            return
+        try:
+            await self.redis.set(names.tree_key(tree.tree_id, self.prefix), payload, ex=ttl)
+        except (RedisError, OSError):
+            logger.warning("could not keep a copy of tree %s (Redis unreachable)", tree.tree_id)
 
     async def get_tree(self, tree_id: str) -> Tree | None:
         raw = await self.redis.get(names.tree_key(tree_id, self.prefix))
@@ -91,20 +101,22 @@ class TreeQueue:
                 logger.warning("ignoring non-numeric reward %r for leaf %s of tree %s", value, leaf, tree_id)
         return rewards
 
-    async def stats(self) -> QueueStats:
-        """Backlog of the slowest consumer group and the age of its oldest unconsumed tree."""
+    async def stats(self, reserved: int = 0) -> QueueStats:
+        """Backlog of the slowest training group (other groups do not count; the stream length while none
+        exists) plus `reserved` admitted trees, and the age of the oldest unconsumed tree."""
         try:
-            groups = await self.redis.xinfo_groups(self.stream)
+            groups = [g for g in await self.redis.xinfo_groups(self.stream) if g["name"] in self.groups]
         except ResponseError:  # no stream yet
-            return QueueStats(depth=0, oldest_age_s=0.0)
+            return QueueStats(depth=reserved, oldest_age_s=0.0)
         now_s = _seconds(await self.redis.time())
         if not groups:
             first = await self.redis.xrange(self.stream, count=1)
             depth = await self.redis.xlen(self.stream)
-            return QueueStats(depth, _age(first[0][0], now_s) if first else 0.0)
+            return QueueStats(depth + reserved, _age(first[0][0], now_s) if first else 0.0)
         backlogs = [await self._group_backlog(group, now_s) for group in groups]
         return QueueStats(
-            depth=max(b.depth for b in backlogs), oldest_age_s=max(b.oldest_age_s for b in backlogs)
+            depth=max(b.depth for b in backlogs) + reserved,
+            oldest_age_s=max(b.oldest_age_s for b in backlogs),
         )
 
     async def ping(self) -> bool:
@@ -116,32 +128,44 @@ class TreeQueue:
     # Idempotency
 
     async def claim(self, key: str, fingerprint: str) -> IdempotencyRecord | None:
-        """Reserve `key` for this request; None if reserved now, else the record of the earlier request."""
+        """Reserve `key` for this request; None if reserved now, else the record of the earlier request. The
+        reservation lapses after `pending_lease_s` unless its owner renews it (QueueJobs.held_keys)."""
         redis_key = names.idempotency_key(key, self.prefix)
-        pending = json.dumps({"fingerprint": fingerprint, "is_done": False})
-        if await self.redis.set(redis_key, pending, nx=True, ex=self._idem_ttl_s):
+        pending = IdempotencyRecord(fingerprint, False).to_json()
+        if await self.redis.set(redis_key, pending, nx=True, ex=self.retention.pending_lease_s):
             return None
         raw = await self.redis.get(redis_key)
         if raw is None:  # expired between the two calls: claim again
             return await self.claim(key, fingerprint)
         return IdempotencyRecord(**json.loads(raw))
 
+    def done_record(self, key: str, record: IdempotencyRecord) -> tuple[str, str, int]:
+        """(redis key, value, ttl) of a finished record; an answer over the byte budget is kept without
+        its body (a replay then says so instead of running the request twice)."""
+        if len(record.body) > self.retention.max_copy_bytes:
+            record = dataclasses.replace(record, body="", status=-record.status)
+        return names.idempotency_key(key, self.prefix), record.to_json(), self.retention.idempotency_ttl_s
+
     async def complete(self, key: str, record: IdempotencyRecord) -> None:
-        redis_key = names.idempotency_key(key, self.prefix)
-        value = json.dumps(
-            {
-                "fingerprint": record.fingerprint,
-                "is_done": True,
-                "status": record.status,
-                "media_type": record.media_type,
-                "body": record.body,
-            }
-        )
-        await _with_retries(lambda: self.redis.set(redis_key, value, ex=self._idem_ttl_s))
+        redis_key, value, ttl = self.done_record(key, record)
+        await self.redis.set(redis_key, value, ex=ttl)
+
+    async def hold(self, keys: set[str]) -> None:
+        """Renew the pending idempotency keys of requests still running here."""
+        if keys:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key in list(keys):
+                    pipe.expire(
+                        names.idempotency_key(key, self.prefix), self.retention.pending_lease_s, xx=False
+                    )
+                await pipe.execute()
 
     async def release(self, key: str) -> None:
-        """Forget a claim whose request was refused, so a retry can run."""
-        await self.redis.delete(names.idempotency_key(key, self.prefix))
+        """Forget a claim whose request was refused or failed, so a retry can run (best effort)."""
+        try:
+            await self.redis.delete(names.idempotency_key(key, self.prefix))
+        except (RedisError, OSError):
+            logger.warning("could not release idempotency key %s; it lapses by itself", key)
 
     # Internal helpers
 
@@ -166,14 +190,17 @@ def _age(entry_id: str, now_s: float) -> float:
     return max(0.0, now_s - int(entry_id.split("-")[0]) / 1000)
 
 
-async def _with_retries(call: Callable[[], Awaitable[T]], attempts: int = 4, base_delay_s: float = 0.1) -> T:
-    """Retry a Redis write on connection errors with exponential backoff (bounded)."""
-    for attempt in range(attempts):
+async def with_retries(call: Callable[[], Awaitable[T]], window_s: float, base_delay_s: float = 0.1) -> T:
+    """Retry a Redis call on connection errors with exponential backoff (capped at 5 s) for `window_s`."""
+    deadline = time.monotonic() + window_s
+    attempt = 0
+    while True:
         try:
             return await call()
         except _RETRYABLE:
-            if attempt == attempts - 1:
+            delay = min(base_delay_s * 2**attempt, 5.0)
+            if time.monotonic() + delay > deadline:
                 raise
-            logger.warning("redis write failed (attempt %d/%d); retrying", attempt + 1, attempts)
-            await asyncio.sleep(base_delay_s * 2**attempt)
-    raise AssertionError("unreachable")
+            attempt += 1
+            logger.warning("redis call failed (attempt %d); retrying in %.1f s", attempt, delay)
+            await asyncio.sleep(delay)

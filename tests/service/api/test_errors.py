@@ -9,8 +9,6 @@ import pytest
 from api_helpers import SMALL_TREE, FailingEngine, Service, factory_of
 
 from treepo.client import constants as names
-from treepo.service.engine.scripted import ScriptedEngine
-from treepo.service.factory import printable_script
 
 OK_PROMPT = {"text": "1+1="}
 
@@ -177,15 +175,3 @@ def test_inline_with_a_failing_engine_is_a_bad_gateway_with_details(make_service
     assert "backend exploded" in answer.json()["detail"]["failures"][0]["error"]
     assert 'treepo_engine_errors_total{reason="error"}' in metrics
     assert 'treepo_engine_errors_total{reason="error"} 0.0' not in metrics
-
-
-def test_trees_still_sampling_at_shutdown_get_failure_records(make_service) -> None:
-    slow = factory_of(lambda: ScriptedEngine(printable_script(eos_probability=0.0), latency_s=1.0))
-    service = make_service(engine_factory=slow, shutdown_grace_s=0.2)
-    with service.client() as http:
-        accepted = http.post("/rollout_tree", json=_body(delivery="queue")).json()
-    service.server.stop()
-    failures = service.redis.xrange(names.failures_stream(service.settings.key_prefix))
-    records = [json.loads(fields[names.FAILURE_FIELD]) for _, fields in failures]
-    assert [r["tree_id"] for r in records] == accepted["tree_ids"]
-    assert "stopped before this tree was sampled" in records[0]["error"]

@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
 
 from treepo.service.engine.protocol import EngineUnavailable
 from treepo.service.rollout import RolloutInputError
@@ -28,7 +29,7 @@ class ApiError(Exception):
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Map validation, rollout-input, engine and API errors to 4xx/503 responses (never a 500 for input)."""
+    """Map validation, rollout-input, engine, Redis and API errors to 4xx/503 responses (never a 500)."""
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         _count(request, "invalid")
@@ -45,6 +46,13 @@ def install_error_handlers(app: FastAPI) -> None:
         retry = request.app.state.settings.retry_after_s
         return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": str(retry)})
 
+    async def on_redis_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.warning("Redis call failed during %s: %r", request.url.path, exc)
+        _count(request, "redis_unavailable")
+        retry = request.app.state.settings.retry_after_s
+        detail = "Redis is unreachable or refused the write; nothing was accepted, retry later"
+        return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": str(retry)})
+
     async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ApiError), f"{exc=}"
         if exc.reason:
@@ -56,6 +64,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RolloutInputError, on_rollout_input)
     app.add_exception_handler(EngineUnavailable, on_unavailable)
     app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(RedisError, on_redis_error)
 
 
 def _count(request: Request, reason: str) -> None:

@@ -6,17 +6,18 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from redis.exceptions import RedisError
 
 from treepo.client.schema import ErrorBody, RolloutAccepted, RolloutTreeRequest, RolloutTreeResponse, Tree
 from treepo.service.api.deps import IdempotencyKeyDep, JobsDep, LoadedDep, MetricsDep, QueueDep, SettingsDep
 from treepo.service.api.errors import ApiError
 from treepo.service.config import Settings
-from treepo.service.jobs import QueueJobs
+from treepo.service.jobs import QueueJobs, job_record
 from treepo.service.metrics import ServiceMetrics
 from treepo.service.queue import IdempotencyRecord, TreeQueue
 from treepo.service.rollout import PreparedPrompt, TreeFailure, prepare, sample_trees
@@ -33,9 +34,13 @@ _RESPONSES: dict[int | str, dict] = {
     },
     202: {"model": RolloutAccepted, "description": "queue: accepted; each tree is XADDed to the stream"},
     409: {"model": ErrorBody, "description": "the same Idempotency-Key is still being processed"},
+    410: {
+        "model": ErrorBody,
+        "description": "the first answer to this Idempotency-Key was too large to keep",
+    },
     413: {"model": ErrorBody, "description": "request body or prompt count over the configured limit"},
     429: {"model": ErrorBody, "description": "the trees stream is over its configured depth (Retry-After)"},
-    503: {"model": ErrorBody, "description": "the engine is loading or swapping weights (Retry-After)"},
+    503: {"model": ErrorBody, "description": "engine loading/swapping or Redis unreachable (Retry-After)"},
 }
 
 
@@ -64,14 +69,18 @@ async def rollout_tree(
     if idempotency_key:
         earlier = await queue.claim(idempotency_key, fingerprint)
         if earlier is not None:
-            return _replay(earlier, fingerprint, settings.retry_after_s)
-    call = _Rollout(body, loaded, metrics, queue, settings, idempotency_key, fingerprint)
+            return await _replay(earlier, fingerprint, settings.retry_after_s, jobs)
+        jobs.held_keys.add(idempotency_key)
+    call = _Rollout(body, loaded, metrics, queue, settings, jobs, idempotency_key, fingerprint)
     try:
-        prompts = prepare(body, loaded.codec, loaded.engine.max_context, call.request_id)
-        response = await call.deliver(prompts, jobs)
+        prompts = prepare(body, loaded.codec, loaded.metered.max_context, call.request_id)
+        response = await call.deliver(prompts)
     except BaseException:
         await call.release()
         raise
+    finally:
+        if body.delivery != "stream" and idempotency_key:
+            jobs.held_keys.discard(idempotency_key)
     metrics.rollout_prompts.labels(delivery=body.delivery).inc(len(prompts))
     return response
 
@@ -85,29 +94,51 @@ class _Rollout:
     metrics: ServiceMetrics
     queue: TreeQueue
     settings: Settings
+    jobs: QueueJobs
     idempotency_key: str | None
     fingerprint: str
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
-    async def deliver(self, prompts: list[PreparedPrompt], jobs: QueueJobs) -> Response:
+    async def deliver(self, prompts: list[PreparedPrompt]) -> Response:
         if self.body.delivery == "queue":
-            return await self._queued(prompts, jobs)
+            return await self._queued(prompts)
         if self.body.delivery == "inline":
             return await self._inline(prompts)
         return StreamingResponse(self._ndjson(prompts), media_type=NDJSON)
 
     async def release(self) -> None:
         if self.idempotency_key:
+            self.jobs.held_keys.discard(self.idempotency_key)
             await self.queue.release(self.idempotency_key)
 
-    async def _queued(self, prompts: list[PreparedPrompt], jobs: QueueJobs) -> Response:
-        settings = self.settings
-        await _check_depth(self.queue, self.metrics, settings.max_queue_depth, settings.retry_after_s)
+    async def _queued(self, prompts: list[PreparedPrompt]) -> Response:
+        """Record the job (and the idempotency record pointing at it) in Redis, then answer 202."""
         tree_ids = [p.tree_id for p in prompts]
         accepted = RolloutAccepted(request_id=self.request_id, tree_ids=tree_ids, stream=self.queue.stream)
         response = JSONResponse(accepted.model_dump(), status_code=202)
-        await self._remember(response)
-        jobs.submit(self.loaded, prompts, self.body, self.request_id)
+        idem = None
+        if self.idempotency_key:
+            record = IdempotencyRecord(self.fingerprint, True, 202, "application/json", "", self.request_id)
+            record.body = bytes(response.body).decode()
+            idem = self.queue.done_record(self.idempotency_key, record)
+        admission = await self.jobs.store.admit(
+            self.request_id,
+            job_record(self.body, prompts, self.request_id),
+            tree_ids,
+            max_depth=self.settings.max_queue_depth,
+            groups=self.queue.groups,
+            idempotency=idem,
+        )
+        self.metrics.queue_depth.set(admission.depth)
+        if not admission.accepted:
+            raise ApiError(
+                429,
+                f"the queue holds {admission.depth} unconsumed or reserved trees; {len(prompts)} more would "
+                f"pass the limit {self.settings.max_queue_depth}: retry after the trainer catches up",
+                reason="queue_full",
+                retry_after_s=self.settings.retry_after_s,
+            )
+        self.jobs.start(self.loaded, self.request_id, prompts, self.body)
         return response
 
     async def _inline(self, prompts: list[PreparedPrompt]) -> Response:
@@ -144,8 +175,9 @@ class _Rollout:
             await self.release()
             raise
         if self.idempotency_key:
+            self.jobs.held_keys.discard(self.idempotency_key)
             record = IdempotencyRecord(self.fingerprint, True, 200, NDJSON, "".join(lines))
-            await self.queue.complete(self.idempotency_key, record)
+            await _best_effort(self.queue.complete(self.idempotency_key, record))
 
     async def _remember(self, response: Response) -> None:
         """Keep a successful answer for replays; forget a failed one so that a retry runs again."""
@@ -158,21 +190,15 @@ class _Rollout:
         record = IdempotencyRecord(
             self.fingerprint, True, response.status_code, response.media_type or "", body
         )
-        await self.queue.complete(self.idempotency_key, record)
+        await _best_effort(self.queue.complete(self.idempotency_key, record))
 
 
-async def _check_depth(queue: TreeQueue, metrics: ServiceMetrics, max_depth: int, retry_after_s: int) -> None:
-    stats = await queue.stats()
-    metrics.queue_depth.set(stats.depth)
-    metrics.queue_oldest_age.set(stats.oldest_age_s)
-    if stats.depth >= max_depth:
-        raise ApiError(
-            429,
-            f"the trees stream holds {stats.depth} unconsumed trees (limit {max_depth}); "
-            "retry after the trainer catches up",
-            reason="queue_full",
-            retry_after_s=retry_after_s,
-        )
+async def _best_effort(write: Awaitable[None]) -> None:
+    """Sampled trees are answered even when Redis cannot keep the replay record (its claim then lapses)."""
+    try:
+        await write
+    except (RedisError, OSError):
+        logger.warning("could not store an idempotency record (Redis unreachable)")
 
 
 def _failed(failures: list[TreeFailure], num_prompts: int, request_id: str, retry_after_s: int) -> Response:
@@ -189,7 +215,9 @@ def _failed(failures: list[TreeFailure], num_prompts: int, request_id: str, retr
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
-def _replay(record: IdempotencyRecord, fingerprint: str, retry_after_s: int) -> Response:
+async def _replay(
+    record: IdempotencyRecord, fingerprint: str, retry_after_s: int, jobs: QueueJobs
+) -> Response:
     if record.fingerprint != fingerprint:
         raise ApiError(
             422,
@@ -202,5 +230,14 @@ def _replay(record: IdempotencyRecord, fingerprint: str, retry_after_s: int) -> 
             "a request with this Idempotency-Key is still running; retry later",
             retry_after_s=retry_after_s,
         )
+    if record.status < 0:
+        raise ApiError(
+            410,
+            "the first answer to this Idempotency-Key was too large to keep (max_copy_bytes); "
+            "fetch its trees with GET /trees/{id} or send the request again with a new key",
+            reason="invalid",
+        )
     headers = {"Idempotent-Replayed": "true"}
+    if record.job:  # the job's real state, not just its 202
+        headers["Job-Remaining-Trees"] = str(await jobs.store.remaining(record.job))
     return Response(record.body, status_code=record.status, media_type=record.media_type, headers=headers)
