@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_model
+from safetensors.torch import save_file
 
 from treepo.client.client import TreePOClient
 
@@ -31,6 +31,30 @@ class PushResult:
         return self.save_s + self.ack_s
 
 
+def policy_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors, each stored once; a tied group under the input embedding's name.
+
+    safetensors' `save_model` keeps `lm_head.weight` of a tied pair, but SGLang (like vLLM) loads
+    `model.embed_tokens.weight` and skips `lm_head.weight` for tied models: a push of such a file reported
+    success and changed nothing. Transformers and the embedded engine re-tie either name.
+    """
+    state = model.state_dict()
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embedding = get_embeddings() if callable(get_embeddings) else None
+    preferred: dict[tuple, str] = {}
+    for module_name, module in model.named_modules():
+        if embedding is not None and module is embedding and f"{module_name}.weight" in state:
+            preferred[_storage(state[f"{module_name}.weight"])] = f"{module_name}.weight"
+    chosen: dict[tuple, str] = {}
+    for name, tensor in state.items():
+        chosen.setdefault(_storage(tensor), preferred.get(_storage(tensor), name))
+    return {name: state[name].detach().contiguous() for name in chosen.values()}
+
+
+def _storage(tensor: torch.Tensor) -> tuple:
+    return tensor.data_ptr(), tuple(tensor.shape), tensor.dtype
+
+
 class WeightPusher:
     """Writes `policy-v{version}.safetensors` files under `weights_dir` and keeps the last `keep`."""
 
@@ -47,7 +71,7 @@ class WeightPusher:
         started = time.perf_counter()
         name = f"policy-v{version:07d}.safetensors"
         tmp = self.weights_dir / f".{name}.tmp"
-        save_model(model, str(tmp))  # tied embeddings are stored once; the engine re-ties them
+        save_file(policy_tensors(model), str(tmp), metadata={"format": "pt"})
         final = self.weights_dir / name
         tmp.replace(final)  # the service never sees a half-written file
         saved = time.perf_counter()
