@@ -90,6 +90,8 @@ def test_ensure_redis_prefers_redis_url(monkeypatch: pytest.MonkeyPatch, tmp_pat
         (["demo", "--steps", "0"], "must be >= 1"),
         (["train", "--advantage", "ppo"], "expected one of treepo, grpo"),
         (["train", "--lr", "0"], "lr must be > 0"),
+        (["train", "--push-every", "3"], "push_every (3) > max_staleness + 1 (2)"),
+        (["train", "--max-staleness", "-1"], "max_staleness must be >= 0"),
         (["bench", "train", "--variants", "ppo"], "unknown variants"),
     ],
 )

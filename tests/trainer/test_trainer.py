@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from treepo.client.schema import Node, Tree
-from treepo.trainer.config import TrainConfig
+from treepo.trainer.config import TrainConfig, default_consumer
 from treepo.trainer.policy import Policy
 from treepo.trainer.trainer import Trainer, batch_metrics, compute_advantages, rows_from_tree
 
@@ -130,11 +132,26 @@ def test_sampler_logprobs_missing_is_a_clear_error() -> None:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [({"lr": 0}, "lr must be > 0"), ({"advantage": "ppo"}, "expected one of treepo, grpo"),
-     ({"mini_batch_prompts": 64, "prompts_per_step": 8}, "cannot exceed"), ({"max_staleness": -1}, ">= 0")],
+     ({"mini_batch_prompts": 64, "prompts_per_step": 8}, "cannot exceed"), ({"max_staleness": -1}, ">= 0"),
+     ({"push_every": 3, "max_staleness": 1}, r"push_every \(3\) > max_staleness \+ 1 \(2\)"),
+     ({"push_every": 0, "steps": 3, "max_staleness": 1}, "push_every=0 never updates"),
+     ({"lost_after_s": 0}, "lost_after_s must be > 0")],
 )  # fmt: skip
 def test_config_rejects_bad_values(changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         TrainConfig(**changes)
+
+
+def test_push_every_fits_the_staleness_bound() -> None:
+    TrainConfig(push_every=2, max_staleness=1)  # trees at most one version old when they arrive
+    TrainConfig(push_every=0, steps=2, max_staleness=1)  # never pushing is fine for a run this short
+
+
+def test_the_default_consumer_name_survives_a_restart(tmp_path) -> None:
+    """No pid in it: a restarted trainer (same host, same run directory) reads what its predecessor held."""
+    assert default_consumer(str(tmp_path / "a")) == default_consumer(str(tmp_path / "a"))
+    assert default_consumer(str(tmp_path / "a")) != default_consumer(str(tmp_path / "b"))
+    assert str(os.getpid()) not in default_consumer(str(tmp_path / "a")).split("-")
 
 
 def test_micro_batches_accumulate_to_the_full_batch_gradient() -> None:

@@ -4,6 +4,11 @@ At-least-once delivery: entries stay pending until `ack`; entries a dead consume
 `claim_idle_ms` are taken over with XAUTOCLAIM; after a restart, a consumer first re-reads what it held
 itself. An entry that does not decode into a `Tree` goes to the failures stream and is acked, so one bad
 entry never blocks the group.
+
+Redis restarts are survived: commands retry with backoff for `retry_s`, and a restart (a new server
+`run_id`) makes the consumer re-read its own pending list (deliveries whose replies were lost), repairs the
+group's `entries-read` counter (an AOF reload leaves it unknown, and with it the group's lag) and calls
+`on_restart` (the trainer re-commits what the crash may have lost) before anything new is read.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from typing import Any
 
 import redis
 from pydantic import ValidationError
+from redis.backoff import ExponentialBackoff
 from redis.client import Pipeline
+from redis.retry import Retry
 
 from treepo.client.constants import DEFAULT_PREFIX, FAILURE_FIELD, TREE_FIELD, failures_stream, trees_stream
 from treepo.client.schema import Tree
@@ -25,6 +32,51 @@ from treepo.client.schema import Tree
 logger = logging.getLogger(__name__)
 
 _MAX_RAW_CHARS = 2000  # how much of a corrupt entry the failure record keeps
+
+# After an AOF reload a group's entries-read is unknown (nil) and so is its lag; every entry added but not
+# yet delivered to the group has an id above its last-delivered id, so entries-read = entries-added - those.
+_REPAIR_ENTRIES_READ = """
+local stream, group = KEYS[1], ARGV[1]
+if redis.call('EXISTS', stream) == 0 then return -1 end
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+  local info = {}
+  for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+  if info['name'] == group then
+    if info['entries-read'] then return -1 end
+    local added = 0
+    local s = redis.call('XINFO', 'STREAM', stream)
+    for i = 1, #s, 2 do if s[i] == 'entries-added' then added = s[i + 1] end end
+    local last = info['last-delivered-id']
+    local undelivered = #redis.call('XRANGE', stream, '(' .. last, '+')
+    redis.call('XGROUP', 'SETID', stream, group, last, 'ENTRIESREAD', added - undelivered)
+    return added - undelivered
+  end
+end
+return -1
+"""
+
+
+def connect(url: str, *, retry_s: float = 0.0) -> redis.Redis:
+    """A client (bytes replies) that retries connection errors, timeouts and a server still loading its
+    AOF with exponential backoff (50 ms doubling to 1 s) for about `retry_s` seconds."""
+    retries = 0 if retry_s <= 0 else 5 + int(retry_s)
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=5,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError],
+    )
+
+
+def repair_entries_read(client: redis.Redis, stream: str, group: str) -> int | None:
+    """Restore a group's entries-read counter if an AOF reload left it unknown; returns the value set."""
+    value = int(client.eval(_REPAIR_ENTRIES_READ, 1, stream, group))
+    if value < 0:
+        return None
+    logger.warning(
+        "restored entries-read=%d of group %s on %s (lost in a Redis restart)", value, group, stream
+    )
+    return value
 
 
 @dataclass(slots=True)
@@ -48,14 +100,17 @@ class TreeStream:
         *,
         block_ms: int = 1000,
         claim_idle_ms: int = 60_000,
+        retry_s: float = 60.0,
+        on_restart: Callable[[], object] | None = None,
     ) -> None:
         if not group or not consumer:
             raise ValueError("group and consumer names must be non-empty strings")
         if block_ms < 0 or claim_idle_ms < 1:
             raise ValueError(f"need block_ms >= 0 and claim_idle_ms >= 1 (got {block_ms}, {claim_idle_ms})")
-        self.redis = redis.Redis.from_url(
-            redis_url
+        self.redis = connect(
+            redis_url, retry_s=retry_s
         )  # bytes replies: corrupt payloads must not crash decoding
+        self.on_restart = on_restart
         self.group, self.consumer, self.prefix = group, consumer, prefix
         self.stream = trees_stream(prefix)
         self.failures = failures_stream(prefix)
@@ -65,22 +120,26 @@ class TreeStream:
         self._claim_cursor = "0-0"
         self._has_read_own_pending = False
         self._own_cursor = "0"
+        self._run_id: str | None = None
 
     # Public API
 
     def ensure_group(self) -> None:
-        """Create the group (and the stream) reading from the start; an existing group is kept."""
+        """Create the group (and the stream) reading from the start; an existing group is kept (and its
+        entries-read repaired if a Redis restart lost it)."""
         try:
             self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
         except redis.ResponseError as error:
             if "BUSYGROUP" not in str(error):
                 raise
+            repair_entries_read(self.redis, self.stream, self.group)
 
     def read(self, count: int = 1) -> list[StreamedTree]:
         """Up to `count` trees: own pending entries after a restart, then idle entries of dead
         consumers, then new entries (blocking up to block_ms only when nothing else was found)."""
         if count < 1:
             raise ValueError(f"count must be >= 1 (got {count})")
+        self.check_server()
         trees: list[StreamedTree] = []
         if not self._has_read_own_pending:
             trees += self._read_own_pending(count)
@@ -90,6 +149,36 @@ class TreeStream:
             block = None if trees else self.block_ms
             trees += self._read_new(count - len(trees), block)
         return trees
+
+    def check_server(self) -> bool:
+        """Notice a Redis restart (its run_id changed) and recover from it before reading; True if it did.
+        AOF `everysec` loses up to about a second of writes: deliveries (re-read from our pending list),
+        the group's entries-read (repaired) and whatever `on_restart` restores."""
+        run_id = _text(self.redis.info("server")["run_id"])
+        if self._run_id in (None, run_id):
+            self._run_id = run_id
+            return False
+        self._run_id = run_id
+        logger.warning("Redis restarted (new run_id): re-reading %s's pending entries", self.consumer)
+        self._has_read_own_pending, self._own_cursor, self._claim_cursor = False, "0", "0-0"
+        repair_entries_read(self.redis, self.stream, self.group)
+        if self.on_restart is not None:
+            self.on_restart()
+        return True
+
+    def take_over(self, consumer: str) -> int:
+        """Move every entry `consumer` holds to this consumer (a resumed run under a new name: the old
+        process is dead); they are then re-read like our own. Returns how many moved."""
+        moved = 0
+        while rows := self.redis.xpending_range(
+            self.stream, self.group, min="-", max="+", count=1000, consumername=consumer
+        ):
+            ids = [row["message_id"] for row in rows]
+            self.redis.xclaim(self.stream, self.group, self.consumer, 0, ids, justid=True)
+            moved += len(ids)
+        if moved:
+            logger.info("took over %d entries %s held", moved, consumer)
+        return moved
 
     def ack(self, entry_ids: Iterable[str], *, also: Callable[[Pipeline], object] | None = None) -> int:
         """Acknowledge entries; returns how many were pending.

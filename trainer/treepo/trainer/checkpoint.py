@@ -92,9 +92,15 @@ def load_checkpoint(
     optimizer.load_state_dict(optim["optimizer"])
     if scheduler is not None and optim["scheduler"] is not None:
         scheduler.load_state_dict(optim["scheduler"])
-    state = TrainerState(**json.loads((path / STATE_FILE).read_text()))
-    state.version_gaps = [(int(first), int(last)) for first, last in state.version_gaps]
+    state = read_state(path)
     logger.info("resumed from %s at step %d", path, state.step)
+    return state
+
+
+def read_state(path: str | Path) -> TrainerState:
+    """The non-tensor state of a checkpoint directory (step, version, consumer, uncommitted entries)."""
+    state = TrainerState(**json.loads((Path(path) / STATE_FILE).read_text()))
+    state.version_gaps = [(int(first), int(last)) for first, last in state.version_gaps]
     return state
 
 

@@ -7,6 +7,7 @@ the tiny model override the few that only make sense at 7B scale (lr, batch size
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import socket
 from dataclasses import dataclass, field
@@ -23,8 +24,11 @@ def _help(text: str, default: Any) -> Any:
     return field(default=default, metadata={"help": text})
 
 
-def _default_consumer() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
+def default_consumer(output_dir: str) -> str:
+    """A consumer name that survives a restart (no pid): a resumed run on the same host and run directory
+    reads back the entries its predecessor held, while two runs with different directories never share one."""
+    digest = hashlib.sha1(os.path.abspath(output_dir).encode()).hexdigest()[:8]
+    return f"{socket.gethostname()}-{digest}"
 
 
 @dataclass(slots=True)
@@ -38,7 +42,10 @@ class TrainConfig:
     redis_url: str = _help("Redis holding the trees stream.", "redis://127.0.0.1:6379/0")
     key_prefix: str = _help("Redis key prefix shared with the service.", "treepo")
     group: str = _help("Consumer group of this training job.", "trainer")
-    consumer: str = field(default_factory=_default_consumer, metadata={"help": "Consumer name in the group."})
+    consumer: str = _help(
+        "Consumer name in the group (default: <host>-<hash of --output-dir>; on --resume the checkpoint's).",
+        "",
+    )
     output_dir: str = _help("Run directory: metrics.jsonl, checkpoints, plots.", "runs/train")
     weights_dir: str = _help(
         "Shared weights directory the service loads pushed weights from (treepo serve's default too).",
@@ -82,6 +89,9 @@ class TrainConfig:
     )
     # Scoring and advantages (TREEPO.md §2.2).
     reward: str = _help("Reward plugin: toy, math_verify, module:function or an entry point.", "toy")
+    dynamic_filter: bool = _help(
+        "DAPO dynamic sampling: drop prompts whose leaves all scored the same (no gradient).", True
+    )
     overlong_buffer: int = _help("DAPO overlong penalty buffer in tokens (0 = off).", 0)
     overlong_factor: float = _help("DAPO overlong penalty factor.", 1.0)
     advantage: AdvantageEstimator = field(
@@ -99,16 +109,24 @@ class TrainConfig:
     )
     # Bookkeeping.
     checkpoint_every: int = _help("Checkpoint (and then XACK) every k steps.", 50)
-    push_every: int = _help("Push weights to the service every k steps (0 = never).", 1)
+    push_every: int = _help("Push weights to the service every k steps (<= max_staleness + 1; 0 = never).", 1)
     keep_checkpoints: int = _help("Checkpoints kept on disk.", 2)
     claim_idle_s: float = _help("Take over trees a dead consumer held this long (XAUTOCLAIM).", 600.0)
+    lost_after_s: float = _help(
+        "Count submitted prompts as lost (and submit them again) when the service produced no tree and no "
+        "failure record for them for this long (a service crash).",
+        300.0,
+    )
+    redis_retry_s: float = _help(
+        "Keep retrying Redis commands with backoff for this long before failing.", 120.0
+    )
     metrics_port: int | None = _help("Serve Prometheus trainer metrics on this port.", None)
 
     def __post_init__(self) -> None:
         positive = (
             "steps lr claim_idle_s ppo_epochs mini_batch_prompts micro_batch_rows prompts_per_step width "
             "branch segment_tokens max_depth inflight_batches checkpoint_every keep_checkpoints "
-            "max_gen_batches"
+            "max_gen_batches lost_after_s redis_retry_s"
         )
         for name in positive.split():
             if getattr(self, name) <= 0:
@@ -135,10 +153,30 @@ class TrainConfig:
         self._check_choice("weighting", ("average", "group_size"))
         self._check_choice("sampling_mode", ("tree", "sequential"))
         self._check_choice("loss_agg_mode", ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"))
+        self._check_push_every()
         if self.mini_batch_prompts > self.prompts_per_step:
             raise ValueError(
                 f"mini_batch_prompts ({self.mini_batch_prompts}) cannot exceed prompts_per_step "
                 f"({self.prompts_per_step}); lower it or raise prompts_per_step"
+            )
+
+    def _check_push_every(self) -> None:
+        """Between two pushes the trainer's policy version moves on while the service still samples the last
+        pushed one: trees are up to push_every - 1 versions old when they arrive, so push_every must not
+        exceed max_staleness + 1 (and 0, never pushing, makes every tree stale after max_staleness + 1
+        steps)."""
+        limit = self.max_staleness + 1
+        if self.push_every == 0 and self.steps > limit:
+            raise ValueError(
+                f"push_every=0 never updates the service's weights, so after max_staleness + 1 = {limit} steps "
+                f"every tree is too stale to train; use --push-every between 1 and {limit} or raise "
+                "--max-staleness"
+            )
+        if self.push_every > limit:
+            raise ValueError(
+                f"push_every ({self.push_every}) > max_staleness + 1 ({limit}): trees sampled just after a push "
+                f"are {self.push_every - 1} versions old by the next one and would be dropped as stale; use "
+                f"--push-every <= {limit} or --max-staleness >= {self.push_every - 1}"
             )
 
     def _check_choice(self, name: str, allowed: tuple[str, ...]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -21,6 +22,9 @@ from treepo.trainer.fencing import DONE, Fence, FenceResult
 from treepo.trainer.rewards import OverlongPenalty, RewardFn, TreeScores, dynamic_filter, score_tree
 
 logger = logging.getLogger(__name__)
+
+RECOMMIT_S = 30.0  # commits this recent (and always the last RECOMMIT_MIN) are re-committed after a restart
+RECOMMIT_MIN = 3
 
 
 @dataclass(slots=True)
@@ -110,7 +114,9 @@ class TreeConsumer:
     totals: BatchCounts = field(default_factory=BatchCounts)
     fence: Fence = field(init=False)
     _num_unscorable_in_a_row: int = 0
-    _uncommitted: set[str] = field(default_factory=set)  # tree ids handed out, not yet committed
+    _uncommitted: dict[str, str] = field(default_factory=dict)  # tree id -> entry id, handed out
+    # (time, entry ids, tree ids, claimant) of recent commits: a Redis restart may have lost them
+    _recent: deque[tuple[float, list[str], list[str], str | None]] = field(default_factory=deque)
 
     def __post_init__(self) -> None:
         if self.max_staleness is not None and self.max_staleness < 0:
@@ -119,6 +125,7 @@ class TreeConsumer:
             raise ValueError(f"max_unscorable must be >= 1 (got {self.max_unscorable})")
         stream = self.stream
         self.fence = Fence(stream.redis, stream.stream, self.ledger, stream.group, stream.consumer)
+        stream.on_restart = self.recommit_recent
 
     @property
     def ledger(self) -> str:
@@ -148,7 +155,7 @@ class TreeConsumer:
         counts.num_corrupt = self.stream.num_corrupt - corrupt_before
         counts.num_kept = len(kept)
         self.totals.add(counts)
-        self._uncommitted.update(t.tree.tree_id for t in kept)
+        self._uncommitted.update((t.tree.tree_id, t.entry_id) for t in kept)
         return Batch(kept, counts, is_full=len(kept) >= num_prompts)
 
     def claim(self, batch: Batch) -> Batch:
@@ -163,7 +170,7 @@ class TreeConsumer:
                            len(dup) + len(lost), len(dup), len(lost))  # fmt: skip
         self.stream.ack([t.entry_id for t in dup])
         self.stream.forget([t.entry_id for t in lost])
-        self._uncommitted.difference_update(t.tree.tree_id for t in dup + lost)
+        self._settle(t.tree.tree_id for t in dup + lost)
         counts = BatchCounts(num_duplicates=len(dup), num_fenced=len(lost))
         self.totals.add(counts)
         batch.counts.add(counts)
@@ -178,8 +185,20 @@ class TreeConsumer:
         if num_fenced := result.count("fenced"):
             logger.warning("%d trees were fenced out at commit: another consumer took them over", num_fenced)
         self.stream.forget(entry_ids)
-        self._uncommitted.difference_update(tree_ids)
+        self._settle(tree_ids)
+        now = time.monotonic()
+        self._recent.append((now, list(entry_ids), list(tree_ids), claimant))
+        while len(self._recent) > RECOMMIT_MIN and now - self._recent[0][0] > RECOMMIT_S:
+            self._recent.popleft()
         return result
+
+    def recommit_recent(self) -> None:
+        """After a Redis restart (TreeStream.on_restart): AOF `everysec` may have lost the last second of
+        commits, and their trees would come back as untrained; commit them again (idempotent)."""
+        for _, entry_ids, tree_ids, claimant in self._recent:
+            result = self.fence.commit(entry_ids, tree_ids, claimant=claimant)
+            if redone := result.count("committed"):
+                logger.warning("re-committed %d trees whose commit a Redis restart lost", redone)
 
     def commit_batch(self, batch: Batch) -> None:
         self.commit(batch.entry_ids, batch.tree_ids)
@@ -191,13 +210,13 @@ class TreeConsumer:
         kept = self._admit(delivered, reward_fn, current_version, counts)
         counts.num_kept = len(kept)
         self.totals.add(counts)
-        self._uncommitted.update(t.tree.tree_id for t in kept)
+        self._uncommitted.update((t.tree.tree_id, t.entry_id) for t in kept)
         return Batch(kept, counts, is_full=True)
 
     def discard_stale(self, trees: Sequence[ScoredTree]) -> None:
         """Ack kept-but-unused trees that grew too old to train (counted as stale)."""
         self.stream.ack([t.entry_id for t in trees])
-        self._uncommitted.difference_update(t.tree.tree_id for t in trees)
+        self._settle(t.tree.tree_id for t in trees)
         self.totals.num_stale += len(trees)
 
     def is_trained(self, tree_ids: Iterable[str]) -> list[bool]:
@@ -228,10 +247,14 @@ class TreeConsumer:
         scored_all: list[ScoredTree] = []
         skipped: list[str] = []
         trained = self.is_trained(item.tree.tree_id for item in delivered)
-        seen = set(self._uncommitted)
+        seen = dict(self._uncommitted)
         for item, is_trained in zip(delivered, trained, strict=True):
             tree = item.tree
             staleness = self.staleness(tree.policy_version, current_version)
+            if seen.get(tree.tree_id) == item.entry_id:
+                # Redelivered after a Redis restart lost the delivery: we still hold it, keep it pending.
+                logger.info("entry %s (tree %s) came back after a Redis restart", item.entry_id, tree.tree_id)
+                continue
             if is_trained or tree.tree_id in seen:
                 counts.num_duplicates += 1
                 logger.info("skipping tree %s (entry %s): already trained", tree.tree_id, item.entry_id)
@@ -250,12 +273,16 @@ class TreeConsumer:
                 scored_all.append(scored)
                 if self._passes_filter(scored, counts):
                     kept.append(scored)
-                    seen.add(tree.tree_id)
+                    seen[tree.tree_id] = item.entry_id
                     continue
             skipped.append(item.entry_id)
         self.stream.ack(skipped)
         self._report_rewards(scored_all)
         return kept
+
+    def _settle(self, tree_ids: Iterable[str]) -> None:
+        for tree_id in tree_ids:
+            self._uncommitted.pop(tree_id, None)
 
     def _score(
         self, item: StreamedTree, reward_fn: RewardFn, staleness: int, counts: BatchCounts

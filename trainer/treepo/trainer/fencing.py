@@ -12,8 +12,10 @@ Protocol (all checks are Lua scripts, so each runs atomically inside Redis):
    A claim whose owner lost its pending entry (dead, its entries taken over) is overwritten by the taker.
 2. **Commit, after the checkpoint that holds the step** (`Fence.commit`). A tree is marked `done` and its
    entry XACKed only if the ledger still holds *our* claim on *that* entry (or no claim and we still own
-   the entry); a consumer whose claim was overwritten commits nothing (status `fenced`). Re-committing a
-   `done` tree (a resume after a crash between checkpoint and XACK) only XACKs our entry.
+   the entry, or nobody holds it: a Redis restart lost our claim and our delivery, and an unclaimed entry
+   pending for nobody was trained by no one else); a consumer whose claim was overwritten commits nothing
+   (status `fenced`). Re-committing a `done` tree (a resume after a crash between checkpoint and XACK, or
+   a Redis restart that lost the commit) only XACKs our entry.
 3. **Heartbeat** (`Fence.touch`). Entries held across steps are XCLAIMed by their owner with JUSTID each
    step, which resets their idle time: a slow-but-alive trainer is never taken over by XAUTOCLAIM as long as
    one step is shorter than `claim_idle_s`.
@@ -76,12 +78,13 @@ for i = 3, #ARGV, 2 do
   local entry, tree = ARGV[i], ARGV[i + 1]
   local v = redis.call('HGET', ledger, tree)
   local status = 'fenced'
-  if v == 'claim|' .. me .. '|' .. entry or (not v and owner(stream, group, entry) == me) then
+  local held = owner(stream, group, entry)
+  if v == 'claim|' .. me .. '|' .. entry or (not v and (held == me or not held)) then
     redis.call('HSET', ledger, tree, 'done')
     redis.call('XACK', stream, group, entry)
     status = 'committed'
   elseif v == 'done' then
-    if owner(stream, group, entry) == me then redis.call('XACK', stream, group, entry) end
+    if held == me then redis.call('XACK', stream, group, entry) end
     status = 'already'
   end
   out[#out + 1] = status

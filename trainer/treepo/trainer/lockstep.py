@@ -99,29 +99,57 @@ class LockstepAssembler:
         first = self.feeder.submit(count)
         delivered = self._read_round(first, count, failures_before)
         delivered.sort(key=lambda item: (tree_seq(item), item.tree.tree_id))
+        delivered, extra = self._one_per_prompt(delivered, range(first, first + count))
         admitted = self.consumer.admit(delivered, reward_fn, current_version=version)
+        if extra:  # a re-submitted prompt whose first tree came after all: the first copy is trained
+            self.consumer.stream.ack([item.entry_id for item in extra])
+            admitted.counts.num_duplicates += len(extra)
         self._read += admitted.counts.num_read
         self._kept += len(admitted.trees)
         return admitted
 
+    def _one_per_prompt(
+        self, delivered: list[StreamedTree], wanted: range
+    ) -> tuple[list[StreamedTree], list[StreamedTree]]:
+        """Keep the first tree of each of this round's prompts (a re-submission may bring two)."""
+        kept, extra, seen = [], [], set()
+        for item in delivered:
+            seq = tree_seq(item)
+            if self._is_ours(item) and seq in wanted:
+                if seq in seen:
+                    extra.append(item)
+                    continue
+                seen.add(seq)
+            kept.append(item)
+        return kept, extra
+
     def _read_round(self, first: int, count: int, failures_before: int) -> list[StreamedTree]:
-        """Read until every prompt of the round came back as a tree, a failure record or a corrupt entry."""
+        """Read until every prompt of the round came back as a tree, a failure record or a corrupt entry;
+        prompts the service lost (nothing produced for `feeder.lost_after_s`) are submitted again."""
         wanted = range(first, first + count)
         delivered: list[StreamedTree] = []
         corrupt_before = self.consumer.stream.num_corrupt
         last_progress = time.monotonic()
         while True:
-            arrived = sum(self._is_ours(item) and tree_seq(item) in wanted for item in delivered)
+            arrived = {
+                tree_seq(item) for item in delivered if self._is_ours(item) and tree_seq(item) in wanted
+            }
             lost = self.feeder.progress.failures() - failures_before
             lost += self.consumer.stream.num_corrupt - corrupt_before
-            if arrived + lost >= count:
+            if len(arrived) + lost >= count:
                 return delivered
-            more = self.consumer.stream.read(count - arrived)
+            more = self.consumer.stream.read(count - len(arrived))
             if more:
                 delivered += more
                 last_progress = time.monotonic()
+            elif self.feeder.silent_for() > self.feeder.lost_after_s:
+                missing = [seq for seq in wanted if seq not in arrived]
+                logger.warning("%d prompts of the round got no tree within %.0fs (did the service crash?): "
+                               "submitting them again", len(missing), self.feeder.lost_after_s)  # fmt: skip
+                self.feeder.resubmit(missing)
+                last_progress = time.monotonic()
             elif time.monotonic() - last_progress > self.stall_timeout_s:
                 raise RuntimeError(
-                    f"{count - arrived - lost} of {count} trees did not arrive within "
+                    f"{count - len(arrived) - lost} of {count} trees did not arrive within "
                     f"{self.stall_timeout_s:.0f}s; is the service sampling?"
                 )

@@ -11,6 +11,8 @@ name), whose weights predate them and which re-claims them: each is trained once
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,8 +25,14 @@ from treepo.client.client import TreePOClient
 from treepo.client.schema import SamplingParams, TreeParams
 from treepo.client.stream import TreeStream
 from treepo.service.task import iter_problems
-from treepo.trainer.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
-from treepo.trainer.config import TrainConfig
+from treepo.trainer.checkpoint import (
+    TrainerState,
+    latest_checkpoint,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+)
+from treepo.trainer.config import TrainConfig, default_consumer
 from treepo.trainer.consumer import Batch, BatchCounts, TreeConsumer
 from treepo.trainer.feeder import Feeder, FeedRequest, StreamProgress
 from treepo.trainer.lockstep import LockstepAssembler
@@ -37,6 +45,7 @@ from treepo.trainer.weights import WeightPusher
 logger = logging.getLogger(__name__)
 
 StepCallback = Callable[[dict[str, Any]], None]
+FAULT_ENV = "TREEPO_TRAINER_FAULT"  # "<point>:<step>": kill -9 this process there (the fault tests)
 
 
 def tree_params(config: TrainConfig) -> TreeParams:
@@ -92,6 +101,7 @@ class TrainingRun:
         started = time.perf_counter()
         self.consumer.fence.touch(self.state.entry_ids)  # held across steps: not idle, not taken over
         batch = self._assemble()
+        _fault_point("train", self.state.step + 1)  # claimed, not trained
         waited = time.perf_counter() - started
         rows = [row for t in batch.trees for row in rows_from_tree(t.tree, t.rewards, t.is_correct)]
         record = {"step": self.state.step + 1, **self.trainer.step(rows), **batch_metrics(rows)}
@@ -177,9 +187,18 @@ class TrainingRun:
             self.state,
             keep=self.config.keep_checkpoints,
         )
+        _fault_point("commit", self.state.step)  # checkpointed, not committed
         self.consumer.commit(self.state.entry_ids, self.state.tree_ids)  # ledger done + XACK only now
         self.state.entry_ids, self.state.tree_ids = [], []
         return time.perf_counter() - started
+
+
+def _fault_point(point: str, step: int) -> None:
+    """Crash (SIGKILL, as `kill -9` would) at a named point of a step when FAULT_ENV asks for it: the
+    fault tests need the exact moments between claim and train, and between checkpoint and commit."""
+    if os.environ.get(FAULT_ENV) == f"{point}:{step}":
+        logger.warning("%s=%s: killing this process", FAULT_ENV, os.environ[FAULT_ENV])
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _batch_record(batch: Batch, waited_s: float, step_s: float, version: int) -> dict[str, Any]:
@@ -197,6 +216,7 @@ def _batch_record(batch: Batch, waited_s: float, step_s: float, version: int) ->
         "wait_s": waited_s,
         "step_s": step_s,
         "trees_consumed": counts.num_read,
+        "trees_trained": len(batch.trees),
         "filtered_prompts": counts.num_filtered,
         "all_correct_prompts": counts.num_all_correct,
         "all_wrong_prompts": counts.num_all_wrong,
@@ -219,13 +239,17 @@ def build_run(config: TrainConfig, *, resume: bool = False, log_every_push: bool
     trainer = Trainer(policy, config)
     client = TreePOClient(config.service_url, token=config.api_token)
     claim_idle_ms = max(1, int(config.claim_idle_s * 1000))
+    checkpoint = _latest(config) if resume else None
+    saved = read_state(checkpoint) if checkpoint is not None else TrainerState()
+    name = config.consumer or saved.consumer or default_consumer(config.output_dir)
     stream = TreeStream(
         config.redis_url,
         config.group,
-        config.consumer,
+        name,
         config.key_prefix,
         block_ms=500,
         claim_idle_ms=claim_idle_ms,
+        retry_s=config.redis_retry_s,
     )
     stream.ensure_group()
     overlong = (
@@ -233,11 +257,13 @@ def build_run(config: TrainConfig, *, resume: bool = False, log_every_push: bool
         if config.overlong_buffer > 0
         else None
     )
-    consumer = TreeConsumer(stream, max_staleness=config.max_staleness, overlong=overlong)
+    consumer = TreeConsumer(
+        stream, max_staleness=config.max_staleness, enable_filter=config.dynamic_filter, overlong=overlong
+    )
     pusher = WeightPusher(client, config.weights_dir or Path(config.output_dir) / "weights")
-    state = _restore(config, trainer, consumer) if resume else TrainerState()
+    state = _restore(checkpoint, trainer, consumer) if checkpoint is not None else TrainerState()
     _sync_service_version(client, pusher, policy, state, resumed=resume)
-    state.consumer = config.consumer
+    state.consumer = name
     consumer.version_gaps = state.version_gaps  # one list: saved with every checkpoint
     feeder = _build_feeder(config, client, state)
     prometheus = TrainerMetrics()
@@ -267,16 +293,24 @@ def _default_model() -> str:
     return str(default_model_path())
 
 
-def _restore(config: TrainConfig, trainer: Trainer, consumer: TreeConsumer) -> TrainerState:
+def _latest(config: TrainConfig) -> Path:
     path = latest_checkpoint(Path(config.output_dir) / "checkpoints")
     if path is None:
         raise ValueError(
             f"--resume: no checkpoint under {config.output_dir}/checkpoints; start without --resume"
         )
+    return path
+
+
+def _restore(path: Path, trainer: Trainer, consumer: TreeConsumer) -> TrainerState:
     state = load_checkpoint(path, trainer.policy.model, trainer.optimizer, trainer.scheduler)
     # A crash may have come between checkpoint and commit; the claims are under the checkpoint's name.
     consumer.commit(state.entry_ids, state.tree_ids, claimant=state.consumer or None)
     state.entry_ids, state.tree_ids = [], []
+    if state.consumer and state.consumer != consumer.stream.consumer:
+        # Resumed under another name (another host, or an explicit --consumer): the old process is dead,
+        # so what it held is ours now, re-read at once instead of after claim_idle_s.
+        consumer.stream.take_over(state.consumer)
     return state
 
 
@@ -304,8 +338,13 @@ def _build_feeder(config: TrainConfig, client: TreePOClient, state: TrainerState
         seed=config.seed * 7919 + state.step,
     )
     problems = iter_problems("train", seed=config.seed * 7919 + state.step)
-    progress = StreamProgress(config.redis_url, config.key_prefix, config.group)
-    target = config.inflight_batches * config.prompts_per_step
+    progress = StreamProgress(config.redis_url, config.key_prefix, config.group, retry_s=config.redis_retry_s)
     return Feeder(
-        TreePOClient(config.service_url, token=config.api_token), problems, request, progress, target=target
+        TreePOClient(config.service_url, token=config.api_token),
+        problems,
+        request,
+        progress,
+        target=config.inflight_batches * config.prompts_per_step,
+        lost_after_s=config.lost_after_s,
+        retry_s=config.redis_retry_s,
     )
