@@ -1,14 +1,18 @@
-# TreePO trainer (CPU): pulls trees from Redis, trains, pushes weights to the service.
+# TreePO trainer: pulls trees from Redis, trains, pushes weights to the service.
 # Build from the repository root: docker build -f docker/trainer.Dockerfile -t treepo/trainer .
-# On a GPU host, swap the torch line for a CUDA wheel and pass --device cuda.
+# CPU by default. For CUDA (compose profile gpu), build with --build-arg TORCH_INDEX_URL=https://pypi.org/simple:
+# PyPI's Linux torch wheel is the CUDA build and carries its CUDA libraries; run with --device cuda.
 FROM python:3.11-slim
+
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_VERSION=2.13.0
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
 WORKDIR /opt/treepo
 COPY client/ client/

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -26,9 +27,10 @@ def tool(name: str, install_hint: str) -> str:
     return found
 
 
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run a checker from the repo root; a failure shows its own output."""
-    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a checker from the repo root (extra environment in `env`); a failure shows its own output."""
+    environ = {**os.environ, **(env or {})}
+    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120, env=environ)
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result
 

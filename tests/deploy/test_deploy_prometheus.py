@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import yaml
-from deploy_tools import DEPLOY, METRIC_NAME, exported_metric_names, run, tool
+from deploy_tools import DEPLOY, METRIC_NAME, ROOT, exported_metric_names, run, tool
 
 PROMTOOL_HINT = "Debian package prometheus: apt-get install -y prometheus"
 
@@ -20,12 +20,23 @@ def test_alert_rules_are_valid_and_their_unit_tests_pass() -> None:
 
 def test_scrape_targets_match_the_compose_services() -> None:
     config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
     targets = {
-        job["job_name"]: [t for group in job["static_configs"] for t in group["targets"]]
+        job["job_name"]: {
+            t: group.get("labels", {}) for group in job["static_configs"] for t in group["targets"]
+        }
         for job in config["scrape_configs"]
     }
-    assert targets["treepo-service"] == ["service:8000", "service-gpu:8000"]
-    assert targets["treepo-trainer"] == ["trainer:9100"]
+    assert set(targets) == {"treepo-service", "treepo-trainer", "sglang", "redis"}
+    for job, hosts in targets.items():
+        for target in hosts:
+            assert target.split(":")[0] in compose, f"{job} scrapes {target}, not a compose service"
+    # every replica of our services carries its engine, so dashboards and alerts never sum CPU and GPU together
+    assert {t: labels["engine"] for t, labels in targets["treepo-service"].items()} == {
+        "service:8000": "embedded",
+        "service-gpu:8000": "sglang",
+    }
+    assert {labels["engine"] for labels in targets["treepo-trainer"].values()} == {"embedded", "sglang"}
     assert config["rule_files"] == ["alerts.yml"]
 
 

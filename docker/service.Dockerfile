@@ -1,5 +1,7 @@
-# TreePO rollout service, CPU image: the embedded engine and the shipped tiny model.
-# Build from the repository root: docker build -f docker/service-cpu.Dockerfile -t treepo/service-cpu .
+# TreePO rollout service: one image for both engines. TREEPO_ENGINE=embedded samples in-process on CPU (the
+# shipped tiny model); TREEPO_ENGINE=sglang talks HTTP to SGLang workers that run the stock lmsysorg/sglang
+# image, unchanged (installing this package into SGLang's image replaced its transformers and broke RoPE).
+# Build from the repository root: docker build -f docker/service.Dockerfile -t treepo/service .
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -7,7 +9,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# CPU wheel of torch first: an unpinned torch from PyPI pulls a multi-GB CUDA build.
+# CPU wheel of torch first: an unpinned torch from PyPI pulls a multi-GB CUDA build. With SGLang the service
+# never runs the model itself (tokenizer and config only), so the CPU wheel serves both engines.
 RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 
 WORKDIR /opt/treepo
