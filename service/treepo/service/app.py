@@ -22,6 +22,7 @@ from treepo.service.jobstore import JobStore
 from treepo.service.metrics import ServiceMetrics
 from treepo.service.queue import Retention, TreeQueue
 from treepo.service.runtime import EngineRuntime
+from treepo.service.weights_store import WEIGHTS_JSON_MAX_BYTES, WeightsStore
 
 logger = logging.getLogger(__name__)
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
@@ -47,10 +48,14 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     app.state.settings, app.state.metrics = settings, metrics
     install_error_handlers(app)
     token = settings.api_token.get_secret_value() if settings.api_token else None
-    overrides = {"/weights": settings.max_upload_bytes}
+    app.state.weights_store = WeightsStore(settings.weights_dir)
     # Added innermost first: metrics see every answer, auth runs before the body is read.
     app.add_middleware(
-        BodyLimitMiddleware, max_bytes=settings.max_request_bytes, metrics=metrics, overrides=overrides
+        BodyLimitMiddleware,
+        max_bytes=settings.max_request_bytes,
+        metrics=metrics,
+        path_limits={"/weights": WEIGHTS_JSON_MAX_BYTES},
+        upload_limits={"/weights": settings.max_upload_bytes},
     )
     app.add_middleware(AuthMiddleware, token=token, metrics=metrics)
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=flat_routes)

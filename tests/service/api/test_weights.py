@@ -6,7 +6,9 @@ import asyncio
 import threading
 from pathlib import Path
 
+import numpy as np
 from api_helpers import SMALL_TREE, Service, factory_of
+from safetensors.numpy import save, save_file
 
 from treepo.client.schema import Tree, WeightsInfo
 from treepo.service.engine.scripted import ScriptedEngine
@@ -25,10 +27,14 @@ class SlowSwapEngine(ScriptedEngine):
         await super().update_weights(path, version)
 
 
-def _checkpoint(service: Service, name: str = "step-1.safetensors") -> Path:
+def _checkpoint(service: Service, name: str = "step-1.safetensors", value: float = 0.5) -> Path:
     path = service.settings.weights_dir / name
-    path.write_bytes(b"weights")
+    save_file({"w": np.full((4, 3), value, dtype=np.float32)}, str(path))
     return path
+
+
+def safetensors_bytes(value: float = 0.5) -> bytes:
+    return save({"w": np.full((4, 3), value, dtype=np.float32), "step": np.arange(3)})
 
 
 def test_update_by_path_bumps_the_version(service: Service) -> None:
@@ -44,7 +50,7 @@ def test_update_by_path_bumps_the_version(service: Service) -> None:
             "trees"
         ][0]
         metrics = http.get("/metrics").text
-    assert implicit.policy_version == 1 and implicit.path.endswith("step-1.safetensors")
+    assert implicit.policy_version == 1 and implicit.path == "step-1.safetensors"
     assert explicit["policy_version"] == current["policy_version"] == 7
     assert service.engine.weights_path == str(service.settings.weights_dir.resolve() / "step-1.safetensors")
     assert tree["policy_version"] == 7 and {n["policy_version"] for n in tree["nodes"]} == {7}
@@ -70,7 +76,7 @@ def test_bad_versions_and_bodies(service: Service) -> None:
     _checkpoint(service)
     with service.client() as http:
         assert http.post("/weights", json={"path": "step-1.safetensors", "version": 3}).status_code == 200
-        stale = http.post("/weights", json={"path": "step-1.safetensors", "version": 3})
+        stale = http.post("/weights", json={"path": "step-1.safetensors", "version": 2})
         bad = http.post("/weights", json={"path": "step-1.safetensors", "version": "three"})
         empty = http.post("/weights", content=b"", headers={"content-type": "application/json"})
     assert stale.status_code == 409 and "greater than the current policy_version 3" in stale.json()["detail"]
@@ -79,16 +85,15 @@ def test_bad_versions_and_bodies(service: Service) -> None:
 
 
 def test_multipart_upload(service: Service) -> None:
+    content = safetensors_bytes()
     with service.client() as http:
-        answer = http.post(
-            "/weights", files={"file": ("w.safetensors", b"\x00tensor-bytes")}, data={"version": "2"}
-        )
+        answer = http.post("/weights", files={"file": ("w.safetensors", content)}, data={"version": "2"})
         no_file = http.post("/weights", data={"version": "3"}, files={"other": ("x", b"1")})
     assert answer.status_code == 200, answer.text
     info = WeightsInfo.model_validate(answer.json())
-    saved = Path(info.path)
-    assert info.policy_version == 2 and saved.read_bytes() == b"\x00tensor-bytes"
-    assert saved.is_relative_to(service.settings.weights_dir.resolve())
+    assert info.policy_version == 2 and info.path.startswith("uploads/")
+    assert (service.settings.weights_dir / info.path).read_bytes() == content
+    assert service.engine.weights_path == str((service.settings.weights_dir / info.path).resolve())
     assert no_file.status_code == 422 and "'file'" in no_file.json()["detail"]
 
 

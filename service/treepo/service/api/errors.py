@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -44,7 +46,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_unavailable(request: Request, exc: Exception) -> JSONResponse:
         _count(request, "engine_unavailable")
         retry = request.app.state.settings.retry_after_s
-        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": str(retry)})
+        detail = redact_paths(str(exc))
+        return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": str(retry)})
 
     async def on_redis_error(request: Request, exc: Exception) -> JSONResponse:
         logger.warning("Redis call failed during %s: %r", request.url.path, exc)
@@ -58,7 +61,8 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.reason:
             _count(request, exc.reason)
         headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=headers)
+        detail = redact_paths(exc.detail) if isinstance(exc.detail, str) else exc.detail
+        return JSONResponse({"detail": detail}, status_code=exc.status, headers=headers)
 
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(RolloutInputError, on_rollout_input)
@@ -86,3 +90,20 @@ def _safe_error(error: dict[str, Any]) -> dict[str, Any]:
             error["input"] = "<nested too deep to echo>"
         error.pop("ctx", None)
         return jsonable_encoder(error)
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~])/([^\s'\"/:]+)((?:/[^\s'\"/:]*)*)")
+
+
+def redact_paths(text: str) -> str:
+    """`text` with every absolute path of this host cut to its last component: messages leave the server,
+    its directory layout does not. Only paths whose top directory exists here (/data, /home...) are touched,
+    so API routes such as /trees/{id} stay readable."""
+
+    def cut(match: re.Match[str]) -> str:
+        top, rest = match.group(1), match.group(2)
+        if not Path("/", top).exists():
+            return match.group(0)
+        return (rest.rstrip("/").rsplit("/", 1)[-1] if rest.strip("/") else top) or top
+
+    return _ABSOLUTE_PATH.sub(cut, text)

@@ -79,19 +79,35 @@ class AuthMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 for bodies over the limit, by Content-Length up front or by counting a chunked body."""
+    """413 for bodies over the limit, by Content-Length up front or by counting a chunked body. `path_limits`
+    override the limit per path; `upload_limits` apply instead to multipart bodies of their paths (a weights
+    upload may be gigabytes, a JSON body on the same route only a few bytes)."""
 
     def __init__(
-        self, app: ASGIApp, max_bytes: int, metrics: ServiceMetrics, overrides: dict[str, int] | None = None
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        metrics: ServiceMetrics,
+        path_limits: dict[str, int] | None = None,
+        upload_limits: dict[str, int] | None = None,
     ) -> None:
         self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
-        self.overrides = overrides or {}
+        self.path_limits, self.upload_limits = path_limits or {}, upload_limits or {}
+
+    def limit(self, scope: Scope, headers: dict[bytes, bytes]) -> int:
+        path = scope["path"]
+        if path in self.upload_limits and headers.get(b"content-type", b"").startswith(
+            b"multipart/form-data"
+        ):
+            return self.upload_limits[path]
+        return self.path_limits.get(path, self.max_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.overrides.get(scope["path"], self.max_bytes)
-        declared = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        limit = self.limit(scope, headers)
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await self._reject(send, limit)
         received = 0

@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 
 from treepo.service.api.deps import MetricsDep, QueueDep, RuntimeDep
+from treepo.service.api.errors import redact_paths
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
@@ -29,7 +30,7 @@ async def readyz(runtime: RuntimeDep, queue: QueueDep) -> JSONResponse:
     redis_ok = await queue.ping()
     body = {
         "engine": runtime.state if runtime.state != "ready" or engine_ok else "unhealthy",
-        "engine_error": runtime.error,
+        "engine_error": redact_paths(runtime.error) if runtime.error else None,
         "redis": "ok" if redis_ok else "unreachable",
         "policy_version": runtime.weights.policy_version,
         "swapping_weights": runtime.gate.is_swapping,

@@ -1,0 +1,184 @@
+"""The weights directory behind POST /weights: confined paths, checked checkpoints, idempotent pushes, pruned
+uploads, and answers that name files relative to the directory (never an absolute server path)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from treepo.client.schema import WeightsInfo
+from treepo.service.checkpoint import CheckpointError, check_checkpoint, check_file
+from treepo.service.runtime import EngineRuntime, VersionConflict
+
+logger = logging.getLogger(__name__)
+
+MAX_PATH_CHARS = 255
+MAX_POLICY_VERSION = 2**31 - 1
+MAX_VERSION_STEP = 1_000_000  # one push may not jump further: a typo must not block every later push
+UPLOADS = "uploads"
+WEIGHTS_JSON_MAX_BYTES = 64 * 2**10  # a JSON push names a file: a few hundred bytes
+
+
+class WeightsRefused(Exception):
+    """A push that is not loaded: `status` and a message that says how to fix it (no server paths)."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+@dataclass(slots=True)
+class Upload:
+    """An uploaded checkpoint streamed to a temporary file in the uploads directory."""
+
+    path: Path
+    sha256: Any = field(default_factory=hashlib.sha256)
+    size: int = 0
+
+    def discard(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class WeightsStore:
+    """Pushes are serialised; the current checkpoint's hash makes a retried push (same version, same
+    content) answer 200 instead of 409; uploads other than the current and previous weights are deleted."""
+
+    def __init__(self, weights_dir: Path) -> None:
+        self.root = weights_dir.resolve()
+        self.uploads = self.root / UPLOADS
+        self._lock = asyncio.Lock()
+        self._digest: str | None = None  # of the weights loaded as the current policy_version
+        self._loaded: deque[Path] = deque(maxlen=2)  # current and previous checkpoints
+
+    def new_upload(self) -> Upload:
+        self.uploads.mkdir(parents=True, exist_ok=True)
+        return Upload(self.uploads / f".incoming-{uuid.uuid4().hex}")
+
+    def resolve(self, raw_path: str) -> Path:
+        """The checkpoint `raw_path` names (relative to the weights dir, or absolute inside it)."""
+        shown = "an absolute path" if raw_path.startswith("/") else repr(raw_path[:80])
+        if len(raw_path) > MAX_PATH_CHARS or any(ord(c) < 32 for c in raw_path):
+            raise WeightsRefused(
+                422,
+                f"path must be at most {MAX_PATH_CHARS} characters without control characters (NUL...); "
+                "name the checkpoint relative to the weights directory",
+            )
+        try:
+            candidate = Path(raw_path)
+            resolved = (candidate if candidate.is_absolute() else self.root / candidate).resolve()
+            exists = resolved.exists()
+        except (OSError, ValueError):
+            raise WeightsRefused(422, f"path {shown} is not a usable file name") from None
+        if not resolved.is_relative_to(self.root):
+            raise WeightsRefused(
+                403,
+                f"path {shown} is outside the weights directory; save the checkpoint under it (or upload the file)",
+            )
+        if not exists:
+            raise WeightsRefused(422, f"no checkpoint at {shown} in the weights directory")
+        return resolved
+
+    def public(self, info: WeightsInfo) -> WeightsInfo:
+        """`info` with its path relative to the weights dir (or only its file name if outside)."""
+        if info.path is None:
+            return info
+        path = Path(info.path)
+        shown = path.relative_to(self.root) if path.is_relative_to(self.root) else Path(path.name)
+        return info.model_copy(update={"path": shown.as_posix()})
+
+    async def push_path(self, runtime: EngineRuntime, raw_path: str, version: int | None) -> WeightsInfo:
+        path = self.resolve(raw_path)
+        name = path.relative_to(self.root).as_posix() or "."
+        async with self._lock:
+            new_version = self._check_version(runtime, version)
+            digest = await _checked(path, name)
+            if self._is_retry(runtime, version, digest):
+                return runtime.weights
+            self._check_fresh(runtime, new_version)
+            return await self._swap(runtime, path, new_version, digest)
+
+    async def push_upload(self, runtime: EngineRuntime, upload: Upload, version: int | None) -> WeightsInfo:
+        """Check, then load the upload under a stable name; it is deleted unless it became the weights."""
+        try:
+            async with self._lock:
+                new_version = self._check_version(runtime, version)
+                try:
+                    await asyncio.to_thread(check_file, upload.path, "the upload")
+                except CheckpointError as exc:
+                    raise WeightsRefused(422, str(exc)) from None
+                digest = upload.sha256.hexdigest()
+                if self._is_retry(runtime, version, digest):
+                    return runtime.weights
+                self._check_fresh(runtime, new_version)
+                final = self.uploads / f"v{new_version:010d}-{digest[:16]}.safetensors"
+                os.replace(upload.path, final)
+                try:
+                    return await self._swap(runtime, final, new_version, digest)
+                except BaseException:
+                    final.unlink(missing_ok=True)
+                    raise
+        finally:
+            upload.discard()
+
+    def _check_version(self, runtime: EngineRuntime, version: int | None) -> int:
+        current = runtime.weights.policy_version
+        if version is None:
+            return current + 1
+        if version > current + MAX_VERSION_STEP:
+            raise WeightsRefused(
+                422,
+                f"version {version} jumps more than {MAX_VERSION_STEP} past the current policy_version {current}; "
+                "send the trainer's next version (or omit it for current + 1)",
+            )
+        return version
+
+    def _is_retry(self, runtime: EngineRuntime, version: int | None, digest: str) -> bool:
+        """The push already happened (its answer was lost): same version, same content."""
+        return version == runtime.weights.policy_version and digest == self._digest
+
+    def _check_fresh(self, runtime: EngineRuntime, version: int) -> None:
+        current = runtime.weights.policy_version
+        if version == current and self._digest is not None:
+            raise WeightsRefused(
+                409,
+                f"policy_version {current} is already loaded with different weights; push under a version above "
+                f"{current} (or omit it)",
+            )
+
+    async def _swap(self, runtime: EngineRuntime, path: Path, version: int, digest: str) -> WeightsInfo:
+        try:
+            info = await runtime.update_weights(str(path), version)
+        except VersionConflict as exc:
+            raise WeightsRefused(409, str(exc)) from None
+        except Exception as exc:  # the engine could not load them; the previous weights stay
+            logger.exception("weight update from %s failed", path)
+            raise WeightsRefused(
+                422,
+                f"the engine could not load the weights ({type(exc).__name__}: {exc}); "
+                f"policy_version stays {runtime.weights.policy_version}",
+            ) from None
+        self._digest = digest
+        self._loaded.append(path)
+        self._prune()
+        return info
+
+    def _prune(self) -> None:
+        """Delete finished uploads that are neither the current nor the previous weights."""
+        keep = set(self._loaded)
+        for old in self.uploads.glob("v*.safetensors"):
+            if old not in keep:
+                old.unlink(missing_ok=True)
+
+
+async def _checked(path: Path, name: str) -> str:
+    try:
+        return await asyncio.to_thread(check_checkpoint, path, name)
+    except CheckpointError as exc:
+        raise WeightsRefused(422, str(exc)) from None
