@@ -178,3 +178,33 @@ def test_retry_policy_checks_and_delays() -> None:
     assert [policy.delay(a, None) for a in range(5)] == [0.5, 1.0, 2.0, 4.0, 4.0]
     assert policy.delay(0, "3") == 3 and policy.delay(0, "100") == 4
     assert policy.delay(1, "Wed, 21 Oct 2015 07:28:00 GMT") == 1.0
+
+
+def test_retries_409_while_the_same_idempotency_key_runs(start, key_prefix: str) -> None:
+    """A retry that arrives while the first attempt still samples waits for it and gets its answer."""
+    import threading
+
+    import redis
+
+    slow = ScriptedEngine(printable_script(eos_probability=0.0), latency_s=0.3)
+    settings = start(engine_factory=lambda s: (slow, ByteCodec()))
+    _ready(settings).close()
+    first: list[RolloutTreeResponse] = []
+
+    def run_first() -> None:
+        with TreePOClient(_url(settings), retry=FAST_RETRY) as client:
+            first.append(client.rollout_tree(["7"], tree=TREE, idempotency_key="twice"))
+
+    thread = threading.Thread(target=run_first)
+    thread.start()
+    watcher = redis.Redis.from_url(settings.redis_url)
+    key = names.idempotency_key("twice", key_prefix)
+    deadline = time.monotonic() + 10
+    while not watcher.exists(key):
+        assert time.monotonic() < deadline, "the first request never claimed its key"
+        time.sleep(0.01)
+    watcher.close()
+    with TreePOClient(_url(settings), retry=FAST_RETRY) as client:
+        second = client.rollout_tree(["7"], tree=TREE, idempotency_key="twice")
+    thread.join()
+    assert first and second == first[0]

@@ -25,6 +25,13 @@ PromptLike = Prompt | str | list[int] | dict[str, Any]
 RETRY_STATUSES = frozenset({429, 503})
 
 
+def retryable(response: httpx.Response) -> bool:
+    """429 (stream full), 503 (engine or Redis unavailable), and 409 with Retry-After (the same
+    Idempotency-Key is still running elsewhere; a weights-version 409 has no Retry-After and is final)."""
+    code = response.status_code
+    return code in RETRY_STATUSES or (code == 409 and "Retry-After" in response.headers)
+
+
 class TreePOError(RuntimeError):
     """The service refused or failed a request; `status` and `detail` are the server's answer."""
 

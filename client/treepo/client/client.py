@@ -1,7 +1,8 @@
 """HTTP clients of the TreePO rollout service (httpx + pydantic only): `TreePOClient` and `AsyncTreePOClient`.
 
-Both retry 429 (stream full) and 503 (engine loading or swapping weights) with exponential backoff, honouring
-`Retry-After`, a bounded number of times; other errors raise `TreePOError` with the server's message.
+Both retry 429 (stream full), 503 (engine loading or swapping weights, Redis unreachable) and 409 with
+`Retry-After` (the same Idempotency-Key still running) with exponential backoff, honouring `Retry-After`, a
+bounded number of times; other errors raise `TreePOError` with the server's message.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from typing import Any, BinaryIO
 import httpx
 
 from treepo.client._http import (
-    RETRY_STATUSES,
     PromptLike,
     RetryPolicy,
     TreePOError,
@@ -24,6 +24,7 @@ from treepo.client._http import (
     headers_for,
     parse_line,
     raise_for,
+    retryable,
     rewind,
     rollout_result,
     weights_payload,
@@ -130,7 +131,7 @@ class TreePOClient:
                     raise
                 time.sleep(self.retry.delay(attempt, None))
                 continue
-            if response.status_code not in RETRY_STATUSES or last:
+            if not retryable(response) or last:
                 return response
             time.sleep(self.retry.delay(attempt, response.headers.get("Retry-After")))
         raise AssertionError("unreachable")
@@ -138,7 +139,7 @@ class TreePOClient:
     def _stream(self, body: dict[str, Any], headers: dict[str, str]) -> Iterator[Tree]:
         for attempt in range(self.retry.max_attempts):
             with self._http.stream("POST", "/rollout_tree", json=body, headers=headers) as response:
-                if response.status_code in RETRY_STATUSES and attempt < self.retry.max_attempts - 1:
+                if retryable(response) and attempt < self.retry.max_attempts - 1:
                     time.sleep(self.retry.delay(attempt, response.headers.get("Retry-After")))
                     continue
                 if response.status_code >= 400:
@@ -235,7 +236,7 @@ class AsyncTreePOClient:
                     raise
                 await asyncio.sleep(self.retry.delay(attempt, None))
                 continue
-            if response.status_code not in RETRY_STATUSES or last:
+            if not retryable(response) or last:
                 return response
             await asyncio.sleep(self.retry.delay(attempt, response.headers.get("Retry-After")))
         raise AssertionError("unreachable")
@@ -243,7 +244,7 @@ class AsyncTreePOClient:
     async def _stream(self, body: dict[str, Any], headers: dict[str, str]) -> AsyncIterator[Tree]:
         for attempt in range(self.retry.max_attempts):
             async with self._http.stream("POST", "/rollout_tree", json=body, headers=headers) as response:
-                if response.status_code in RETRY_STATUSES and attempt < self.retry.max_attempts - 1:
+                if retryable(response) and attempt < self.retry.max_attempts - 1:
                     await asyncio.sleep(self.retry.delay(attempt, response.headers.get("Retry-After")))
                     continue
                 if response.status_code >= 400:
