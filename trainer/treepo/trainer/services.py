@@ -76,7 +76,9 @@ def ensure_redis(workdir: Path) -> RedisHandle:
         "--save",
         "",
         "--appendonly",
-        "no",
+        "yes",
+        "--appendfsync",
+        "everysec",
         "--dir",
         str(workdir),
     ]
