@@ -5,15 +5,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 
 import redis.asyncio as aioredis
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from starlette.routing import BaseRoute
 
+from treepo.service.api.deps import check_work_budget
 from treepo.service.api.errors import install_error_handlers
-from treepo.service.api.middleware import AuthMiddleware, BodyLimitMiddleware, MetricsMiddleware
+from treepo.service.api.middleware import (
+    AuthMiddleware,
+    BodyLimitMiddleware,
+    CancelOnDisconnectMiddleware,
+    MetricsMiddleware,
+)
 from treepo.service.api.routes import health, rollout, trees, weights
 from treepo.service.config import Settings
 from treepo.service.factory import EngineFactory, build_engine
@@ -40,7 +47,8 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
         lifespan=_lifespan(settings, engine_factory),
     )
     routers = (rollout.router, weights.router, trees.router, health.router)
-    for router in routers:
+    app.include_router(rollout.router, dependencies=[Depends(check_work_budget)])  # bounded work per request
+    for router in routers[1:]:
         app.include_router(router)
     # Routes with their full paths (FastAPI nests included routers), for bounded `route` label values.
     flat_routes = [r for r in app.routes if hasattr(r, "path")] + [r for rt in routers for r in rt.routes]
@@ -50,6 +58,9 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     token = settings.api_token.get_secret_value() if settings.api_token else None
     app.state.weights_store = WeightsStore(settings.weights_dir)
     # Added innermost first: metrics see every answer, auth runs before the body is read.
+    app.add_middleware(
+        CancelOnDisconnectMiddleware, paths=frozenset({"/rollout_tree"}), retry_after_s=settings.retry_after_s
+    )
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=settings.max_request_bytes,
@@ -82,7 +93,7 @@ def _lifespan(settings: Settings, engine_factory: EngineFactory) -> Lifespan:
         try:
             yield
         finally:
-            await jobs.drain(settings.shutdown_grace_s)  # accepted trees finish or are left to recovery
+            await jobs.drain(_grace_left(app, settings))  # accepted trees finish or are left to recovery
             for task in (loader, maintainer):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -91,6 +102,12 @@ def _lifespan(settings: Settings, engine_factory: EngineFactory) -> Lifespan:
             await redis.aclose()
 
     return lifespan
+
+
+def _grace_left(app: FastAPI, settings: Settings) -> float:
+    """What is left of the shutdown grace period (GracefulServer stamps its deadline when the stop began)."""
+    deadline = getattr(app.state, "shutdown_deadline", None)
+    return settings.shutdown_grace_s if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def _retention(settings: Settings) -> Retention:

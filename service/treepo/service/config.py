@@ -50,6 +50,11 @@ class Settings(BaseSettings):
         default=10_000, ge=1, description="Unconsumed trees in the stream above which queue requests get 429."
     )
     max_prompts_per_request: int = Field(default=1024, ge=1)
+    max_request_tokens: int = Field(
+        default=2**24,
+        ge=1,
+        description="Work bound of one rollout request: prompts x width x tokens per trajectory (413 above).",
+    )
     max_request_bytes: int = Field(default=16 * 2**20, ge=1024, description="JSON body limit (413 above).")
     max_upload_bytes: int = Field(default=8 * 2**30, ge=1024, description="Weights upload limit (413 above).")
     weights_dir: Path = Field(

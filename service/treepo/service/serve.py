@@ -54,6 +54,7 @@ def serve(
 
     from treepo.service.app import create_app
     from treepo.service.config import Settings
+    from treepo.service.server import GracefulServer
 
     if engine is not None and engine not in ENGINE_KINDS:
         raise typer.BadParameter(f"unknown engine {engine!r}; expected one of {', '.join(ENGINE_KINDS)}")
@@ -76,7 +77,10 @@ def serve(
     if refusal:
         raise typer.BadParameter(refusal, param_hint="--host")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level.lower())
+    config = uvicorn.Config(
+        create_app(settings), host=settings.host, port=settings.port, log_level=log_level.lower()
+    )
+    GracefulServer(config, grace_s=settings.shutdown_grace_s).run()
 
 
 def _check_model(engine: EngineKind, model: str | None) -> None:

@@ -12,6 +12,23 @@ from starlette.types import ASGIApp
 logger = logging.getLogger(__name__)
 
 
+class GracefulServer(uvicorn.Server):
+    """uvicorn whose stop (SIGTERM) gives open requests and the app's own shutdown one grace period together:
+    requests still open when it ends are cancelled, and the app reads `app.state.shutdown_deadline` to drain
+    only for what is left (without it uvicorn waits for every open request, however long)."""
+
+    def __init__(self, config: uvicorn.Config, grace_s: float) -> None:
+        config.timeout_graceful_shutdown = grace_s  # seconds; uvicorn passes it to asyncio.timeout
+        super().__init__(config)
+        self.grace_s = grace_s
+
+    async def shutdown(self, sockets: list | None = None) -> None:
+        state = getattr(self.config.app, "state", None)
+        if state is not None:
+            state.shutdown_deadline = time.monotonic() + self.grace_s
+        await super().shutdown(sockets)
+
+
 class BackgroundServer:
     """`with BackgroundServer(app, port=...) as server: httpx.get(server.url + "/healthz")`."""
 

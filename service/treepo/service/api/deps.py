@@ -6,6 +6,8 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
+from treepo.client.schema import SamplingParams, TreeParams
+from treepo.service.api.errors import ApiError
 from treepo.service.config import Settings
 from treepo.service.jobs import QueueJobs
 from treepo.service.metrics import ServiceMetrics
@@ -36,6 +38,44 @@ def get_jobs(request: Request) -> QueueJobs:
 async def get_loaded(runtime: Annotated[EngineRuntime, Depends(get_runtime)]) -> Loaded:
     """The engine for new work: 503 + Retry-After while it loads or swaps weights for too long."""
     return await runtime.acquire()
+
+
+async def check_work_budget(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> None:
+    """413 before any work when a rollout request may decode more than `max_request_tokens` tokens
+    (prompts x width x tokens per trajectory). Reads the JSON that FastAPI already parsed (Starlette caches
+    it); a body the schema refuses is left to the route's 422."""
+    body = await request.json()
+    work = _work(body) if isinstance(body, dict) else None
+    if work is None or work[0] <= settings.max_request_tokens:
+        return
+    total, prompts, width, per_path = work
+    fit = max(1, settings.max_request_tokens // (width * per_path))
+    raise ApiError(
+        413,
+        f"this request may decode up to {total:,} tokens ({prompts} prompts x width {width} x {per_path} tokens "
+        f"per trajectory); the limit is {settings.max_request_tokens:,} (TREEPO_MAX_REQUEST_TOKENS): split it "
+        f"into requests of at most {fit} prompts, or lower width or max_new_tokens",
+        reason="too_large",
+    )
+
+
+def _work(body: dict) -> tuple[int, int, int, int] | None:
+    tree, sampling = body.get("tree", {}), body.get("sampling", {})
+    prompts = body.get("prompts")
+    if not (isinstance(prompts, list) and isinstance(tree, dict) and isinstance(sampling, dict)):
+        return None
+    width = tree.get("width", TreeParams.model_fields["width"].default)
+    segment = tree.get("segment_tokens", TreeParams.model_fields["segment_tokens"].default)
+    depth = tree.get("max_depth", TreeParams.model_fields["max_depth"].default)
+    cap = sampling.get("max_new_tokens", SamplingParams.model_fields["max_new_tokens"].default)
+    if not _positive(width, segment, depth) or not (cap is None or _positive(cap)):
+        return None
+    per_path = segment * depth if cap is None else min(cap, segment * depth)
+    return len(prompts) * width * per_path, len(prompts), width, per_path
+
+
+def _positive(*values: object) -> bool:
+    return all(type(v) is int and v > 0 for v in values)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

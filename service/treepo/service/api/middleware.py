@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import json
 import time
@@ -137,6 +139,72 @@ class BodyLimitMiddleware:
         self.metrics.rejected.labels(reason="too_large").inc()
         detail = f"request body is larger than {limit} bytes; split it into smaller requests"
         await send_json(send, 413, detail)
+
+
+class CancelOnDisconnectMiddleware:
+    """Cancels the work of a request on `paths` when its client disconnects before the answer is complete:
+    an abandoned inline rollout must not keep the engine busy for minutes. Work cancelled by a stopping server
+    answers 503 + Retry-After. After the body has been read, this middleware is the only reader of `receive`
+    (later readers get the disconnect from it)."""
+
+    def __init__(self, app: ASGIApp, paths: frozenset[str], retry_after_s: int) -> None:
+        self.app, self.paths, self.retry_after_s = app, paths, retry_after_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            return await self.app(scope, receive, send)
+        body_read, gone = asyncio.Event(), asyncio.Event()
+        started = finished = False
+
+        async def app_receive() -> Message:
+            if body_read.is_set():
+                await gone.wait()
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                gone.set()
+            elif not message.get("more_body", False):
+                body_read.set()
+            return message
+
+        async def app_send(message: Message) -> None:
+            nonlocal started, finished
+            started = started or message["type"] == "http.response.start"
+            finished = message["type"] == "http.response.body" and not message.get("more_body", False)
+            await send(message)
+
+        work = asyncio.ensure_future(self.app(scope, app_receive, app_send))
+
+        async def watch() -> None:
+            await body_read.wait()
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+            if not finished:
+                work.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await work
+        except asyncio.CancelledError:
+            if not started and gone.is_set():  # for the metrics: 499 = client closed request (never seen)
+                await send_json(send, 499, "the client disconnected; its work was cancelled")
+            elif not started:  # the server is stopping (its grace period is over)
+                detail = (
+                    "the service is stopping; retry after the Retry-After delay (another replica answers)"
+                )
+                await send_json(send, 503, detail, {"Retry-After": str(self.retry_after_s)})
+            if not gone.is_set() or _being_cancelled():
+                raise
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class _TooLarge(BaseException):  # not Exception: body parsers must not swallow it into a 400

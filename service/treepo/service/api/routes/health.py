@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 
 from treepo.service.api.deps import MetricsDep, QueueDep, RuntimeDep
 from treepo.service.api.errors import redact_paths
+from treepo.service.runtime import EngineRuntime
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
+ENGINE_HEALTH_TIMEOUT_S = 2.0
 
 
 @router.get("/healthz")
@@ -26,7 +28,7 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz", responses={503: {"description": "engine not loaded or Redis unreachable"}})
 async def readyz(runtime: RuntimeDep, queue: QueueDep) -> JSONResponse:
     """Ready when the engine is loaded and healthy and Redis answers."""
-    engine_ok = runtime.state == "ready" and await runtime.health()
+    engine_ok = runtime.state == "ready" and await _engine_health(runtime)
     redis_ok = await queue.ping()
     body = {
         "engine": runtime.state if runtime.state != "ready" or engine_ok else "unhealthy",
@@ -40,13 +42,23 @@ async def readyz(runtime: RuntimeDep, queue: QueueDep) -> JSONResponse:
     return JSONResponse({"ready": ready, **body}, status_code=200 if ready else 503, headers=headers)
 
 
+async def _engine_health(runtime: EngineRuntime) -> bool:
+    """The engine's own health check, bounded: a probe answers in time even when the engine does not."""
+    try:
+        return await asyncio.wait_for(runtime.health(), timeout=ENGINE_HEALTH_TIMEOUT_S)
+    except TimeoutError:
+        logger.warning("engine health check did not answer within %.0f s", ENGINE_HEALTH_TIMEOUT_S)
+        return False
+
+
 @router.get("/metrics", response_class=Response)
-async def metrics(metrics: MetricsDep, queue: QueueDep) -> Response:
-    """Prometheus exposition; the queue gauges are refreshed from Redis on each scrape."""
+async def metrics(request: Request, metrics: MetricsDep, queue: QueueDep) -> Response:
+    """Prometheus exposition; the queue and Redis gauges are refreshed from Redis on each scrape."""
     try:
         stats = await asyncio.wait_for(queue.stats(), timeout=2.0)
         metrics.queue_depth.set(stats.depth)
         metrics.queue_oldest_age.set(stats.oldest_age_s)
+        await asyncio.wait_for(request.app.state.housekeeper.observe(), timeout=2.0)
     except (RedisError, OSError, TimeoutError):
-        logger.warning("could not refresh the queue gauges", exc_info=True)
+        logger.warning("could not refresh the queue and Redis gauges", exc_info=True)
     return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
