@@ -28,6 +28,7 @@ from treepo.service.jobs import QueueJobs
 from treepo.service.jobstore import JobStore
 from treepo.service.metrics import ServiceMetrics
 from treepo.service.queue import Retention, TreeQueue
+from treepo.service.retention import Housekeeper
 from treepo.service.runtime import EngineRuntime
 from treepo.service.weights_store import WEIGHTS_JSON_MAX_BYTES, WeightsStore
 
@@ -87,14 +88,23 @@ def _lifespan(settings: Settings, engine_factory: EngineFactory) -> Lifespan:
         )
         runtime = EngineRuntime(settings, app.state.metrics, engine_factory)
         jobs = QueueJobs(queue, store, app.state.metrics, retry_window_s=settings.redis_retry_window_s)
+        housekeeper = Housekeeper(
+            redis,
+            settings.key_prefix,
+            settings.training_groups,
+            app.state.metrics,
+            failures_retention_s=settings.failures_retention_s,
+        )
         app.state.queue, app.state.runtime, app.state.jobs = queue, runtime, jobs
+        app.state.housekeeper = housekeeper
         loader = asyncio.create_task(runtime.load(), name="engine-load")
         maintainer = asyncio.create_task(jobs.maintain(runtime), name="job-maintenance")
+        trimmer = asyncio.create_task(housekeeper.run(settings.trim_interval_s), name="redis-trim")
         try:
             yield
         finally:
             await jobs.drain(_grace_left(app, settings))  # accepted trees finish or are left to recovery
-            for task in (loader, maintainer):
+            for task in (loader, maintainer, trimmer):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task

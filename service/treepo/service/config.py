@@ -87,6 +87,14 @@ class Settings(BaseSettings):
         ge=0,
         description="How long queue jobs retry Redis writes before leaving them to recovery.",
     )
+    failures_retention_s: float = Field(
+        default=24 * 3600, gt=0, description="Failure records older than this are trimmed."
+    )
+    trim_interval_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="How often trees every training group acknowledged are trimmed from the stream.",
+    )
     api_token: SecretStr | None = Field(default=None, description="Bearer token; null = no auth.")
     max_batch_size: int | None = Field(
         default=None, ge=1, description="Requests per engine call; null = all."

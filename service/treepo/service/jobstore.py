@@ -17,33 +17,27 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from treepo.client import constants as names
+from treepo.service.queue import TRAINING_GROUPS_LUA
 
 logger = logging.getLogger(__name__)
 
-# Backlog of the training groups (the stream length when none exists yet) plus reserved (admitted, not yet
+# Backlog of the training groups (the stream length while no group exists) plus reserved (admitted, not yet
 # published) trees; refuse if adding n would pass the limit, else record the job atomically.
-_ADMIT = """
+_ADMIT = (
+    TRAINING_GROUPS_LUA
+    + """
 local stream, reserved_key, leases, job_key, todo_key, idem_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local n, max_depth = tonumber(ARGV[1]), tonumber(ARGV[2])
 local job_id, job_json, expiry, ttl = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local idem_json, idem_ttl, num_ids = ARGV[7], ARGV[8], tonumber(ARGV[9])
 local wanted = {}
-for i = 10 + num_ids, #ARGV do wanted[ARGV[i]] = true end
-local backlog, found = 0, false
-local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', stream)
-if ok then
-  for _, raw in ipairs(groups) do
-    local g = {}
-    for i = 1, #raw, 2 do g[raw[i]] = raw[i + 1] end
-    if wanted[g['name']] then
-      found = true
-      local lag = g['lag']
-      if not lag then lag = redis.call('XLEN', stream) end
-      backlog = math.max(backlog, tonumber(g['pending']) + tonumber(lag))
-    end
-  end
+for i = 10 + num_ids, #ARGV do table.insert(wanted, ARGV[i]) end
+local backlog = 0
+if redis.call('EXISTS', stream) == 1 then
+  local groups = training_groups(stream, wanted)
+  if #groups == 0 then backlog = redis.call('XLEN', stream) end
+  for _, g in ipairs(groups) do backlog = math.max(backlog, group_backlog(stream, g)) end
 end
-if not found then backlog = redis.call('EXISTS', stream) == 1 and redis.call('XLEN', stream) or 0 end
 local reserved = 0
 for _, v in ipairs(redis.call('HVALS', reserved_key)) do reserved = reserved + math.max(tonumber(v), 0) end
 if backlog + reserved + n > max_depth then return {0, backlog + reserved} end
@@ -55,6 +49,7 @@ redis.call('ZADD', leases, expiry, job_id)
 if idem_key ~= '' then redis.call('SET', idem_key, idem_json, 'EX', idem_ttl) end
 return {1, backlog + reserved + n}
 """
+)
 
 # Publish one tree (or its failure record) at most once: only if its id is still in the job's todo set.
 _PUBLISH = """

@@ -9,7 +9,14 @@ from treepo.client.schema import Tree
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 FINISH_REASONS = ("answer", "eos", "max_tokens", "max_depth", "repetition")
-REJECT_REASONS = ("queue_full", "engine_unavailable", "too_large", "unauthorized", "invalid")
+REJECT_REASONS = (
+    "queue_full",
+    "engine_unavailable",
+    "redis_unavailable",
+    "too_large",
+    "unauthorized",
+    "invalid",
+)
 ENGINE_ERROR_REASONS = ("unavailable", "invalid", "error", "weights")
 DELIVERIES = ("inline", "queue", "stream")
 
@@ -86,6 +93,18 @@ class ServiceMetrics:
         self.queue_oldest_age = Gauge(
             "treepo_queue_oldest_age_seconds", "Age of the oldest unconsumed tree in the stream.", registry=r
         )
+        self.redis_stream_length = Gauge(
+            "treepo_redis_stream_length_entries", "Entries in a Redis stream.", ["stream"], registry=r
+        )
+        self.redis_memory = Gauge(
+            "treepo_redis_memory_bytes", "Memory Redis uses (INFO used_memory).", registry=r
+        )
+        self.redis_trimmed = Counter(
+            "treepo_redis_trimmed_entries",
+            "Stream entries trimmed: trees every training group acknowledged, expired failure records.",
+            ["stream"],
+            registry=r,
+        )
         self.policy_version = Gauge("treepo_policy_version", "Weights version being sampled.", registry=r)
         self.weight_update_duration = Histogram(
             "treepo_weight_update_duration_seconds",
@@ -110,6 +129,9 @@ class ServiceMetrics:
             self.engine_errors.labels(reason=reason)
         for delivery in DELIVERIES:
             self.rollout_prompts.labels(delivery=delivery)
+        for stream in ("trees", "failures"):
+            self.redis_stream_length.labels(stream=stream)
+            self.redis_trimmed.labels(stream=stream)
         for route, method in routes:
             self.http_duration.labels(route=route)
             self.http_requests.labels(route=route, method=method, status="200")

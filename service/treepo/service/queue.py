@@ -24,6 +24,31 @@ T = TypeVar("T")
 _RETRYABLE = (RedisConnectionError, RedisTimeoutError)
 
 
+# Lua helpers shared by the admission and trim scripts. The groups whose backlog is the queue depth (and
+# whose acknowledgements allow trimming): the configured training groups that exist, else every group (a
+# trainer with another group name still gets backpressure). A group's backlog is pending + lag; Redis
+# cannot tell the lag after some deletions or an AOF reload: then count what follows its last delivery.
+TRAINING_GROUPS_LUA = """
+local function training_groups(stream, wanted_names)
+  local wanted, all, chosen = {}, {}, {}
+  for _, name in ipairs(wanted_names) do wanted[name] = true end
+  for _, raw in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    local g = {}
+    for i = 1, #raw, 2 do g[raw[i]] = raw[i + 1] end
+    table.insert(all, g)
+    if wanted[g['name']] then table.insert(chosen, g) end
+  end
+  if #chosen == 0 then return all end
+  return chosen
+end
+local function group_backlog(stream, g)
+  local lag = g['lag']
+  if not lag then lag = #redis.call('XRANGE', stream, '(' .. g['last-delivered-id'], '+') end
+  return tonumber(g['pending']) + tonumber(lag)
+end
+"""
+
+
 @dataclass(slots=True)
 class QueueStats:
     depth: int  # trees not yet consumed by the slowest consumer group (the stream length without groups)
@@ -105,9 +130,10 @@ class TreeQueue:
         """Backlog of the slowest training group (other groups do not count; the stream length while none
         exists) plus `reserved` admitted trees, and the age of the oldest unconsumed tree."""
         try:
-            groups = [g for g in await self.redis.xinfo_groups(self.stream) if g["name"] in self.groups]
+            every = await self.redis.xinfo_groups(self.stream)
         except ResponseError:  # no stream yet
             return QueueStats(depth=reserved, oldest_age_s=0.0)
+        groups = [g for g in every if g["name"] in self.groups] or every  # as TRAINING_GROUPS_LUA
         now_s = _seconds(await self.redis.time())
         if not groups:
             first = await self.redis.xrange(self.stream, count=1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
@@ -52,12 +52,13 @@ async def _engine_health(runtime: EngineRuntime) -> bool:
 
 
 @router.get("/metrics", response_class=Response)
-async def metrics(metrics: MetricsDep, queue: QueueDep) -> Response:
-    """Prometheus exposition; the queue gauges are refreshed from Redis on each scrape."""
+async def metrics(request: Request, metrics: MetricsDep, queue: QueueDep) -> Response:
+    """Prometheus exposition; the queue and Redis gauges are refreshed from Redis on each scrape."""
     try:
         stats = await asyncio.wait_for(queue.stats(), timeout=2.0)
         metrics.queue_depth.set(stats.depth)
         metrics.queue_oldest_age.set(stats.oldest_age_s)
+        await asyncio.wait_for(request.app.state.housekeeper.observe(), timeout=2.0)
     except (RedisError, OSError, TimeoutError):
-        logger.warning("could not refresh the queue gauges", exc_info=True)
+        logger.warning("could not refresh the queue and Redis gauges", exc_info=True)
     return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

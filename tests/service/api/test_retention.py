@@ -1,0 +1,106 @@
+"""Bounded Redis: the trees stream is trimmed below what every training group acknowledged (never what one
+has not), failure records age out, queue depth survives an unknown lag, `treepo_redis_*` gauges; real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import redis
+import redis.asyncio as aioredis
+from api_helpers import SMALL_TREE, Service
+
+from treepo.client import constants as names
+from treepo.service.metrics import ServiceMetrics
+from treepo.service.retention import Housekeeper
+
+
+def _trim(redis_url: str, prefix: str, groups: list[str], failures_retention_s: float = 3600) -> tuple:
+    async def run() -> tuple[int, int]:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        keeper = Housekeeper(
+            client, prefix, groups, ServiceMetrics(), failures_retention_s=failures_retention_s
+        )
+        try:
+            return await keeper.trim()
+        finally:
+            await client.aclose()
+
+    return asyncio.run(run())
+
+
+def _fill(client: redis.Redis, stream: str, count: int) -> list[str]:
+    return [client.xadd(stream, {names.TREE_FIELD: f'{{"n": {i}}}'}) for i in range(count)]
+
+
+def test_trims_only_what_every_training_group_acknowledged(redis_url: str, key_prefix: str) -> None:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    stream = names.trees_stream(key_prefix)
+    ids = _fill(client, stream, 6)
+    assert _trim(redis_url, key_prefix, ["trainer"]) == (0, 0), "no group has read anything yet"
+    client.xgroup_create(stream, "trainer", id="0")
+    client.xgroup_create(stream, "dashboard", id="0")  # never reads: must not hold trimming back
+    client.xreadgroup("trainer", "c1", {stream: ">"}, count=4)
+    client.xack(stream, "trainer", ids[0], ids[1], ids[3])  # ids[2] still pending
+    assert _trim(redis_url, key_prefix, ["trainer"])[0] == 2
+    assert [entry_id for entry_id, _ in client.xrange(stream)] == ids[2:]
+    client.xack(stream, "trainer", ids[2])
+    assert _trim(redis_url, key_prefix, ["trainer"])[0] == 2
+    assert [entry_id for entry_id, _ in client.xrange(stream)] == ids[4:], "unread trees are kept"
+    client.close()
+
+
+def test_without_the_configured_group_every_group_counts(redis_url: str, key_prefix: str) -> None:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    stream = names.trees_stream(key_prefix)
+    ids = _fill(client, stream, 3)
+    client.xgroup_create(stream, "demo", id="0")
+    client.xreadgroup("demo", "c1", {stream: ">"}, count=1)
+    client.xack(stream, "demo", ids[0])
+    assert _trim(redis_url, key_prefix, ["trainer"])[0] == 1
+    assert client.xlen(stream) == 2
+    client.close()
+
+
+def test_failure_records_age_out(redis_url: str, key_prefix: str) -> None:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    failures = names.failures_stream(key_prefix)
+    client.xadd(failures, {names.FAILURE_FIELD: "{}"}, id=f"{int((time.time() - 7200) * 1000)}-0")
+    client.xadd(failures, {names.FAILURE_FIELD: "{}"})
+    assert _trim(redis_url, key_prefix, ["trainer"], failures_retention_s=3600) == (0, 1)
+    assert client.xlen(failures) == 1
+    client.close()
+
+
+def test_depth_is_right_when_redis_cannot_tell_the_lag(make_service) -> None:
+    """After a deletion past a group's last delivery Redis reports lag nil; the stream length (3) would
+    refuse, the true backlog (2) accepts."""
+    service = make_service(max_queue_depth=3)
+    stream = names.trees_stream(service.settings.key_prefix)
+    ids = _fill(service.redis, stream, 4)
+    service.redis.xgroup_create(stream, names.DEFAULT_GROUP, id="0")
+    service.redis.xreadgroup(names.DEFAULT_GROUP, "c1", {stream: ">"}, count=1)
+    service.redis.xack(stream, names.DEFAULT_GROUP, ids[0])
+    service.redis.xdel(stream, ids[2])
+    assert service.redis.xinfo_groups(stream)[0]["lag"] is None
+    body = {"prompts": [{"text": "1+1="}], "tree": SMALL_TREE, "delivery": "queue"}
+    with service.client() as http:
+        answer = http.post("/rollout_tree", json=body)
+    assert answer.status_code == 202, answer.text
+
+
+def test_redis_gauges_on_metrics(service: Service) -> None:
+    body = {"prompts": [{"text": "1+1="}, {"text": "2+2="}], "tree": SMALL_TREE, "delivery": "queue"}
+    stream = names.trees_stream(service.settings.key_prefix)
+    with service.client() as http:
+        assert http.post("/rollout_tree", json=body).status_code == 202
+        deadline = time.monotonic() + 20
+        while service.redis.xlen(stream) < 2:
+            assert time.monotonic() < deadline, "trees missing"
+            time.sleep(0.05)
+        text = http.get("/metrics").text
+    assert 'treepo_redis_stream_length_entries{stream="trees"} 2.0' in text
+    assert 'treepo_redis_stream_length_entries{stream="failures"} 0.0' in text
+    memory = next(line for line in text.splitlines() if line.startswith("treepo_redis_memory_bytes "))
+    assert float(memory.split()[1]) > 0
+    assert 'treepo_redis_trimmed_entries_total{stream="trees"}' in text
