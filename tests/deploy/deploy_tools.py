@@ -14,6 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
+PROMETHEUS = DEPLOY / "prometheus"
 DASHBOARDS = sorted((DEPLOY / "grafana" / "dashboards").glob("*.json"))
 METRIC_NAME = re.compile(r"\b(treepo_[a-z0-9_]+)\b")
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h"}
@@ -22,6 +23,7 @@ GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": 
 def tool(name: str, install_hint: str) -> str:
     """Path of an external checker (PATH or this venv's bin), else skip the test saying how to install it."""
     found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    found = found or shutil.which(name, path=str(ROOT / ".venv-checkov" / "bin"))  # checkov's own environment
     if found is None:
         pytest.skip(f"{name} is not installed ({install_hint})")
     return found

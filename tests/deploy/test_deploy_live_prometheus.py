@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 import yaml
-from deploy_tools import DEPLOY, as_promql, dashboard_exprs, tool
+from deploy_tools import PROMETHEUS, as_promql, dashboard_exprs, tool
 
 
 def free_port() -> int:
@@ -91,7 +91,7 @@ def prometheus(tmp_path, exporters):
 
 
 def test_every_dashboard_and_alert_query_runs(prometheus) -> None:
-    rules = [r for g in yaml.safe_load((DEPLOY / "alerts.yml").read_text())["groups"] for r in g["rules"]]
+    rules = [r for g in yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())["groups"] for r in g["rules"]]
     exprs = [(f"{name}: {title}", as_promql(expr)) for name, title, expr in dashboard_exprs()]
     exprs += [(f"alert {rule['alert']}", rule["expr"]) for rule in rules]
     for where, expr in exprs:

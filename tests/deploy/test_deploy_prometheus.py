@@ -1,25 +1,25 @@
-"""deploy/prometheus.yml and the alert rules: promtool checks and unit tests, exported metric names."""
+"""deploy/prometheus/ (compose and Kubernetes configs) and the alert rules: promtool checks and unit tests, exported metric names."""
 
 from __future__ import annotations
 
 import yaml
-from deploy_tools import DEPLOY, METRIC_NAME, ROOT, exported_metric_names, run, tool
+from deploy_tools import METRIC_NAME, PROMETHEUS, ROOT, exported_metric_names, run, tool
 
 PROMTOOL_HINT = "Debian package prometheus: apt-get install -y prometheus"
 
 
 def test_prometheus_config_is_valid() -> None:
-    run(tool("promtool", PROMTOOL_HINT), "check", "config", str(DEPLOY / "prometheus.yml"))
+    run(tool("promtool", PROMTOOL_HINT), "check", "config", str(PROMETHEUS / "prometheus.yml"))
 
 
 def test_alert_rules_are_valid_and_their_unit_tests_pass() -> None:
     promtool = tool("promtool", PROMTOOL_HINT)
-    run(promtool, "check", "rules", str(DEPLOY / "alerts.yml"))
-    run(promtool, "test", "rules", str(DEPLOY / "alerts.test.yml"))
+    run(promtool, "check", "rules", str(PROMETHEUS / "alerts.yml"))
+    run(promtool, "test", "rules", str(PROMETHEUS / "alerts.test.yml"))
 
 
 def test_scrape_targets_match_the_compose_services() -> None:
-    config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
     targets = {
         job["job_name"]: {
@@ -41,7 +41,7 @@ def test_scrape_targets_match_the_compose_services() -> None:
 
 
 def test_alerts_cover_the_agreed_failures_with_exported_metrics() -> None:
-    rules = [r for g in yaml.safe_load((DEPLOY / "alerts.yml").read_text())["groups"] for r in g["rules"]]
+    rules = [r for g in yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())["groups"] for r in g["rules"]]
     names = {rule["alert"] for rule in rules}
     assert {"TreePOQueueBackingUp", "TreePONoTreesCompleted", "TreePOHighErrorRate"} <= names
     assert "TreePOWeightUpdateFailed" in names
