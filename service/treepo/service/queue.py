@@ -63,6 +63,7 @@ class IdempotencyRecord:
     media_type: str = "application/json"
     body: str = ""
     job: str | None = None  # a queue request's job id: a replay reports how many of its trees remain
+    trees: list[str] | None = None  # ids of trees kept as GET /trees copies, left out of `body` (not twice)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -99,17 +100,25 @@ class TreeQueue:
     def failure_payload(record: dict[str, Any]) -> str:
         return json.dumps({**record, "time": time.time()})
 
-    async def remember(self, tree: Tree) -> None:
-        """Keep an inline/stream-delivered tree for GET /trees/{id}, best effort: the caller gets its tree
-        even when Redis is down or the tree is over the byte budget."""
-        payload = tree.model_dump_json()
+    async def remember(self, tree: Tree, payload: str) -> bool:
+        """Keep an inline/stream-delivered tree (`payload`: its JSON) for GET /trees/{id}, best effort: the
+        caller gets its tree even when Redis is down or the tree is over the byte budget. True if kept."""
         ttl = self.copy_ttl(payload)
         if not ttl:
-            return
+            return False
         try:
             await self.redis.set(names.tree_key(tree.tree_id, self.prefix), payload, ex=ttl)
         except (RedisError, OSError):
             logger.warning("could not keep a copy of tree %s (Redis unreachable)", tree.tree_id)
+            return False
+        return True
+
+    async def tree_copies(self, tree_ids: list[str]) -> list[str] | None:
+        """The kept JSON of these trees, in order; None if any has expired."""
+        if not tree_ids:
+            return []
+        copies = await self.redis.mget([names.tree_key(tree_id, self.prefix) for tree_id in tree_ids])
+        return None if any(copy is None for copy in copies) else list(copies)
 
     async def get_tree(self, tree_id: str) -> Tree | None:
         raw = await self.redis.get(names.tree_key(tree_id, self.prefix))

@@ -4,6 +4,7 @@ has not), failure records age out, queue depth survives an unknown lag, `treepo_
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import redis
@@ -104,3 +105,47 @@ def test_redis_gauges_on_metrics(service: Service) -> None:
     memory = next(line for line in text.splitlines() if line.startswith("treepo_redis_memory_bytes "))
     assert float(memory.split()[1]) > 0
     assert 'treepo_redis_trimmed_entries_total{stream="trees"}' in text
+
+
+def _inline_body(delivery: str = "inline") -> dict:
+    prompts = [{"text": "1+1="}, {"text": "5-2="}]
+    return {"prompts": prompts, "tree": SMALL_TREE, "sampling": {"seed": 1}, "delivery": delivery}
+
+
+def test_an_inline_answer_is_kept_once_and_replayed_from_the_tree_copies(service: Service) -> None:
+    headers = {"Idempotency-Key": "once"}
+    prefix = service.settings.key_prefix
+    with service.client() as http:
+        first = http.post("/rollout_tree", json=_inline_body(), headers=headers)
+        record = json.loads(service.redis.get(names.idempotency_key("once", prefix)))
+        tree_ids = [tree["tree_id"] for tree in first.json()["trees"]]
+        assert record["body"] == "" and record["trees"] == tree_ids, "the trees are stored once"
+        again = http.post("/rollout_tree", json=_inline_body(), headers=headers)
+        assert again.status_code == 200 and again.content == first.content
+        service.redis.delete(names.tree_key(tree_ids[1], prefix))  # its TTL ran out
+        expired = http.post("/rollout_tree", json=_inline_body(), headers=headers)
+    assert expired.status_code == 410 and "expired" in expired.json()["detail"]
+
+
+def test_a_streamed_answer_is_replayed_from_the_tree_copies(service: Service) -> None:
+    headers = {"Idempotency-Key": "streamed"}
+    with service.client() as http:
+        first = http.post("/rollout_tree", json=_inline_body("stream"), headers=headers)
+        record = json.loads(service.redis.get(names.idempotency_key("streamed", service.settings.key_prefix)))
+        again = http.post("/rollout_tree", json=_inline_body("stream"), headers=headers)
+    assert record["body"] == "" and len(record["trees"]) == 2
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert sorted(again.text.splitlines()) == sorted(first.text.splitlines())
+
+
+def test_answers_over_the_byte_budget_are_not_kept(make_service) -> None:
+    service = make_service(max_copy_bytes=100)
+    headers = {"Idempotency-Key": "huge"}
+    with service.client() as http:
+        first = http.post("/rollout_tree", json=_inline_body(), headers=headers)
+        tree_id = first.json()["trees"][0]["tree_id"]
+        copy = http.get(f"/trees/{tree_id}")
+        again = http.post("/rollout_tree", json=_inline_body(), headers=headers)
+    assert first.status_code == 200 and copy.status_code == 404
+    assert again.status_code == 410 and "too large" in again.json()["detail"]
+    assert len(service.redis.get(names.idempotency_key("huge", service.settings.key_prefix))) < 300

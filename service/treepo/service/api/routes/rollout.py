@@ -36,7 +36,7 @@ _RESPONSES: dict[int | str, dict] = {
     409: {"model": ErrorBody, "description": "the same Idempotency-Key is still being processed"},
     410: {
         "model": ErrorBody,
-        "description": "the first answer to this Idempotency-Key was too large to keep",
+        "description": "the first answer to this Idempotency-Key was too large to keep, or its trees expired",
     },
     413: {"model": ErrorBody, "description": "request body or prompt count over the configured limit"},
     429: {"model": ErrorBody, "description": "the trees stream is over its configured depth (Retry-After)"},
@@ -142,33 +142,43 @@ class _Rollout:
         return response
 
     async def _inline(self, prompts: list[PreparedPrompt]) -> Response:
-        trees: dict[int, Tree] = {}
+        payloads: dict[int, tuple[str, str]] = {}  # prompt index -> (tree id, tree JSON)
         failures: list[TreeFailure] = []
         index = {p.tree_id: p.index for p in prompts}
+        kept: set[str] = set()
         async for result in sample_trees(self.loaded.sampler, prompts, self.body, self.metrics):
             if isinstance(result, Tree):
-                trees[index[result.tree_id]] = result
-                await self.queue.remember(result)
+                payload = result.model_dump_json()
+                payloads[index[result.tree_id]] = (result.tree_id, payload)
+                if await self.queue.remember(result, payload):
+                    kept.add(result.tree_id)
             else:
                 failures.append(result)
         if failures:
-            response = _failed(failures, len(prompts), self.request_id, self.settings.retry_after_s)
-        else:
-            ordered = RolloutTreeResponse(trees=[trees[i] for i in sorted(trees)])
-            response = Response(ordered.model_dump_json(), media_type="application/json")
-        await self._remember(response)
-        return response
+            await self.release()  # a retry samples again
+            return _failed(failures, len(prompts), self.request_id, self.settings.retry_after_s)
+        ordered = [payloads[i] for i in sorted(payloads)]
+        body = _trees_json([payload for _, payload in ordered])
+        await self._remember(200, "application/json", body, [tree_id for tree_id, _ in ordered], kept)
+        return Response(body, media_type="application/json")
 
     async def _ndjson(self, prompts: list[PreparedPrompt]) -> AsyncIterator[str]:
         """One line per tree as it completes; a failed tree becomes an {"error": {...}} line."""
         lines: list[str] = []
+        tree_ids: list[str] = []
+        error_lines: list[str] = []
+        kept: set[str] = set()
         try:
             async for result in sample_trees(self.loaded.sampler, prompts, self.body, self.metrics):
                 if isinstance(result, Tree):
-                    await self.queue.remember(result)
-                    line = result.model_dump_json() + "\n"
+                    payload = result.model_dump_json()
+                    tree_ids.append(result.tree_id)
+                    if await self.queue.remember(result, payload):
+                        kept.add(result.tree_id)
+                    line = payload + "\n"
                 else:
                     line = json.dumps({"error": result.record(self.request_id)}) + "\n"
+                    error_lines.append(line)
                 lines.append(line)
                 yield line
         except BaseException:
@@ -176,21 +186,29 @@ class _Rollout:
             raise
         if self.idempotency_key:
             self.jobs.held_keys.discard(self.idempotency_key)
-            record = IdempotencyRecord(self.fingerprint, True, 200, NDJSON, "".join(lines))
-            await _best_effort(self.queue.complete(self.idempotency_key, record))
+            if kept.issuperset(tree_ids):  # trees replayed from their copies; only error lines kept here
+                await self._remember(200, NDJSON, "".join(error_lines), tree_ids, kept)
+            else:
+                await self._remember(200, NDJSON, "".join(lines), [], set())
 
-    async def _remember(self, response: Response) -> None:
-        """Keep a successful answer for replays; forget a failed one so that a retry runs again."""
+    async def _remember(
+        self, status: int, media_type: str, body: str, tree_ids: list[str], kept: set[str]
+    ) -> None:
+        """Keep a successful answer for replays. Trees that have a GET /trees copy are kept once: the
+        record lists their ids and a replay rebuilds the answer from the copies."""
         if not self.idempotency_key:
             return
-        if response.status_code >= 300:
-            await self.release()
-            return
-        body = bytes(response.body).decode()
-        record = IdempotencyRecord(
-            self.fingerprint, True, response.status_code, response.media_type or "", body
-        )
+        record = IdempotencyRecord(self.fingerprint, True, status, media_type, body)
+        if tree_ids and kept.issuperset(tree_ids):
+            record.trees = tree_ids
+            if media_type != NDJSON:
+                record.body = ""
         await _best_effort(self.queue.complete(self.idempotency_key, record))
+
+
+def _trees_json(payloads: list[str]) -> str:
+    """A RolloutTreeResponse body from the trees' JSON, byte for byte what a replay rebuilds."""
+    return '{"trees":[' + ",".join(payloads) + "]}"
 
 
 async def _best_effort(write: Awaitable[None]) -> None:
@@ -240,4 +258,17 @@ async def _replay(
     headers = {"Idempotent-Replayed": "true"}
     if record.job:  # the job's real state, not just its 202
         headers["Job-Remaining-Trees"] = str(await jobs.store.remaining(record.job))
-    return Response(record.body, status_code=record.status, media_type=record.media_type, headers=headers)
+    body = record.body
+    if record.trees is not None:
+        copies = await jobs.queue.tree_copies(record.trees)
+        if copies is None:
+            raise ApiError(
+                410,
+                "the trees of the first answer to this Idempotency-Key have expired (tree_ttl_s); "
+                "send the request again with a new key",
+                reason="invalid",
+            )
+        body = (
+            "".join(c + "\n" for c in copies) + body if record.media_type == NDJSON else _trees_json(copies)
+        )
+    return Response(body, status_code=record.status, media_type=record.media_type, headers=headers)
