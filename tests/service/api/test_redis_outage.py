@@ -61,3 +61,27 @@ def test_queue_job_waits_out_a_redis_restart(make_service, private_redis) -> Non
     assert sorted(ids) == sorted(accepted["tree_ids"])
     assert client.xlen(names.failures_stream(service.settings.key_prefix)) == 0
     client.close()
+
+
+def test_a_job_whose_retry_window_ran_out_is_resumed_once_redis_is_back(make_service, private_redis) -> None:
+    slow = factory_of(lambda: ScriptedEngine(printable_script(eos_probability=0.0), latency_s=0.3))
+    service = make_service(
+        engine_factory=slow, redis_url=private_redis.url, redis_retry_window_s=0.2, job_lease_s=1.0
+    )
+    with service.client() as http:
+        accepted = http.post("/rollout_tree", json=_body("queue", 3)).json()
+    private_redis.kill()
+    time.sleep(3.0)  # longer than the retry window: the job gives up and leaves itself to recovery
+    private_redis.start()
+    import redis
+
+    client = redis.Redis.from_url(private_redis.url, decode_responses=True)
+    prefix = service.settings.key_prefix
+    stream, failures = names.trees_stream(prefix), names.failures_stream(prefix)
+    deadline = time.monotonic() + 30
+    while client.xlen(stream) + client.xlen(failures) < 3 or client.zcard(f"{prefix}:jobs:leases"):
+        assert time.monotonic() < deadline, f"{client.xlen(stream)} of 3 trees after the restart"
+        time.sleep(0.05)
+    ids = [json.loads(fields[names.TREE_FIELD])["tree_id"] for _, fields in client.xrange(stream)]
+    assert sorted(ids) == sorted(accepted["tree_ids"]), "re-sampled by recovery, each once"
+    client.close()
