@@ -55,7 +55,8 @@ async def _engine_health(runtime: EngineRuntime) -> bool:
 async def metrics(request: Request, metrics: MetricsDep, queue: QueueDep) -> Response:
     """Prometheus exposition; the queue and Redis gauges are refreshed from Redis on each scrape."""
     try:
-        stats = await asyncio.wait_for(queue.stats(), timeout=2.0)
+        reserved = await request.app.state.jobs.store.num_reserved()  # admitted, not yet published
+        stats = await asyncio.wait_for(queue.stats(reserved), timeout=2.0)
         metrics.queue_depth.set(stats.depth)
         metrics.queue_oldest_age.set(stats.oldest_age_s)
         await asyncio.wait_for(request.app.state.housekeeper.observe(), timeout=2.0)
