@@ -36,7 +36,7 @@ def launch_flags(
     """`sglang.launch_server` arguments for serving `model_path` to the service (token ids in and out)."""
     flags = [
         "--model-path", str(model_path), "--host", "127.0.0.1", "--port", str(port),
-        "--skip-tokenizer-init", "--max-total-tokens", str(max_total_tokens),
+        "--skip-tokenizer-init", "--enable-metrics", "--max-total-tokens", str(max_total_tokens),
     ]  # fmt: skip
     if device == "cpu":
         flags += ["--device", "cpu", "--dtype", "float32", "--mem-fraction-static", "0.05"]
