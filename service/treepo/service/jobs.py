@@ -55,6 +55,10 @@ class QueueJobs:
         self, loaded: Loaded, job_id: str, prompts: list[PreparedPrompt], request: RolloutTreeRequest
     ) -> asyncio.Task[None]:
         task = asyncio.create_task(self._run(loaded, job_id, prompts, request), name=f"rollout-{job_id}")
+        return self._track(job_id, task)
+
+    def _track(self, job_id: str, task: asyncio.Task[None]) -> asyncio.Task[None]:
+        """Renew the job's lease while `task` runs."""
         self._tasks[job_id] = task
         task.add_done_callback(lambda _: self._tasks.pop(job_id, None))
         return task
@@ -71,6 +75,8 @@ class QueueJobs:
                         self._resume(runtime.loaded, job)
             except (RedisError, OSError):
                 logger.warning("job maintenance could not reach Redis; retrying", exc_info=True)
+            except Exception:  # the loop that keeps leases alive must never end
+                logger.exception("job maintenance failed; retrying")
             await asyncio.sleep(self.interval_s)
 
     async def drain(self, grace_s: float) -> None:
@@ -90,10 +96,29 @@ class QueueJobs:
     def _resume(self, loaded: Loaded, job: StoredJob) -> None:
         if job.job_id in self._tasks:
             return
-        request = RolloutTreeRequest.model_validate(job.record["request"])
-        prompts = [PreparedPrompt(**p) for p in job.record["prompts"] if p["tree_id"] in job.todo]
+        try:
+            request = RolloutTreeRequest.model_validate(job.record["request"])
+            prompts = [PreparedPrompt(**p) for p in job.record["prompts"] if p["tree_id"] in job.todo]
+        except (KeyError, TypeError, ValueError) as exc:  # e.g. written by an incompatible version
+            logger.error("job %s cannot be resumed (%s); recording its trees as failures", job.job_id, exc)
+            self._track(job.job_id, asyncio.create_task(self._abandon(job, f"unreadable job record: {exc}")))
+            return
         logger.info("resuming job %s: %d unfinished trees", job.job_id, len(prompts))
         self.start(loaded, job.job_id, prompts, request)
+
+    async def _abandon(self, job: StoredJob, error: str) -> None:
+        """Failure records for the unpublished trees of a job that cannot be sampled again."""
+        for tree_id in sorted(job.todo):
+            payload = self.queue.failure_payload(
+                {"request_id": job.job_id, "tree_id": tree_id, "error": error}
+            )
+
+            async def publish(tree_id: str = tree_id, payload: str = payload) -> bool:
+                return await self.store.publish(
+                    job.job_id, tree_id, self.queue.failures, names.FAILURE_FIELD, payload, 0
+                )
+
+            await with_retries(publish, self.retry_window_s)
 
     async def _run(
         self, loaded: Loaded, job_id: str, prompts: list[PreparedPrompt], request: RolloutTreeRequest

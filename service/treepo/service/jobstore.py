@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,14 +20,23 @@ from treepo.service.queue import TRAINING_GROUPS_LUA
 
 logger = logging.getLogger(__name__)
 
+# Lease times come from the Redis clock, so replicas whose clocks disagree still agree on expiry.
+_NOW_MS = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
 # Backlog of the training groups (the stream length while no group exists) plus reserved (admitted, not yet
 # published) trees; refuse if adding n would pass the limit, else record the job atomically.
 _ADMIT = (
     TRAINING_GROUPS_LUA
+    + _NOW_MS
     + """
 local stream, reserved_key, leases, job_key, todo_key, idem_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local n, max_depth = tonumber(ARGV[1]), tonumber(ARGV[2])
-local job_id, job_json, expiry, ttl = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local job_id, job_json, expiry, ttl = ARGV[3], ARGV[4], now_ms() + tonumber(ARGV[5]), ARGV[6]
 local idem_json, idem_ttl, num_ids = ARGV[7], ARGV[8], tonumber(ARGV[9])
 local wanted = {}
 for i = 10 + num_ids, #ARGV do table.insert(wanted, ARGV[i]) end
@@ -69,12 +77,26 @@ return 1
 """
 
 # Take over at most `count` jobs whose lease has expired (their owner died or gave them up).
-_CLAIM = """
-local leases, now, expiry, count = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
+_CLAIM = (
+    _NOW_MS
+    + """
+local leases, lease_ms, count = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
+local now = now_ms()
 local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, count)
-for _, job_id in ipairs(expired) do redis.call('ZADD', leases, expiry, job_id) end
+for _, job_id in ipairs(expired) do redis.call('ZADD', leases, now + lease_ms, job_id) end
 return expired
 """
+)
+
+# Extend the leases of running jobs (XX: a finished job is not added back).
+_RENEW = (
+    _NOW_MS
+    + """
+local expiry = now_ms() + tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i]) end
+return #ARGV - 1
+"""
+)
 
 
 @dataclass(slots=True)
@@ -101,6 +123,7 @@ class JobStore:
         self._admit = redis.register_script(_ADMIT)
         self._publish = redis.register_script(_PUBLISH)
         self._claim = redis.register_script(_CLAIM)
+        self._renew = redis.register_script(_RENEW)
 
     def job_key(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
@@ -128,7 +151,7 @@ class JobStore:
             self.todo_key(job_id),
             idem_key,
         ]
-        args = [len(tree_ids), max_depth, job_id, json.dumps(record), self._expiry_ms(), self.job_ttl_s]
+        args = [len(tree_ids), max_depth, job_id, json.dumps(record), self._lease_ms, self.job_ttl_s]
         args += [idem_json, idem_ttl, len(tree_ids), *tree_ids, *groups]
         accepted, depth = await self._admit(keys=keys, args=args)
         return Admission(bool(accepted), int(depth))
@@ -148,10 +171,9 @@ class JobStore:
         return bool(await self._publish(keys=keys, args=[tree_id, field, payload, copy_ttl_s, job_id]))
 
     async def renew(self, job_ids: list[str]) -> None:
-        """Extend the leases of the jobs this process is running (XX: a finished job is not re-added)."""
+        """Extend the leases of the jobs this process is running."""
         if job_ids:
-            expiry = self._expiry_ms()
-            await self.redis.zadd(self.leases_key, dict.fromkeys(job_ids, expiry), xx=True)
+            await self._renew(keys=[self.leases_key], args=[self._lease_ms, *job_ids])
 
     async def release(self, job_id: str) -> None:
         """Give a job up now (this process cannot finish it): any replica's recovery will take it."""
@@ -159,8 +181,7 @@ class JobStore:
 
     async def claim_expired(self, count: int = 16) -> list[StoredJob]:
         """Jobs whose owner stopped renewing their lease, now leased to this process."""
-        now_ms = int(time.time() * 1000)
-        job_ids = await self._claim(keys=[self.leases_key], args=[now_ms, self._expiry_ms(), count])
+        job_ids = await self._claim(keys=[self.leases_key], args=[self._lease_ms, count])
         jobs = []
         for job_id in job_ids:
             raw = await self.redis.get(self.job_key(job_id))
@@ -184,5 +205,6 @@ class JobStore:
     async def num_reserved(self) -> int:
         return sum(max(int(v), 0) for v in await self.redis.hvals(self.reserved_key))
 
-    def _expiry_ms(self) -> int:
-        return int((time.time() + self.lease_s) * 1000)
+    @property
+    def _lease_ms(self) -> int:
+        return int(self.lease_s * 1000)

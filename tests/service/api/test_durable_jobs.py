@@ -176,3 +176,25 @@ def test_a_live_owner_keeps_its_key_past_the_lease(make_service) -> None:
     assert results[0].status_code == 200
     assert busy.status_code == 409, "the running request's key was taken over"
     assert replay.headers["Idempotent-Replayed"] == "true" and replay.json() == results[0].json()
+
+
+def test_an_unreadable_job_record_becomes_failure_records(service: Service, key_prefix: str) -> None:
+    """A job another version wrote (or a corrupt record) is not retried for ever: its trees are failed."""
+    import asyncio
+    import json
+
+    import redis.asyncio as aioredis
+
+    async def admit() -> None:
+        client = aioredis.Redis.from_url(service.settings.redis_url, decode_responses=True)
+        store = JobStore(client, key_prefix, lease_s=5, job_ttl_s=60)
+        record = {"request": {"prompts": "not a list"}, "prompts": []}
+        await store.admit("old-job", record, ["t1", "t2"], max_depth=10, groups=[], idempotency=None)
+        await store.release("old-job")  # its owner is gone
+        await client.aclose()
+
+    asyncio.run(admit())
+    _wait(lambda: sorted(_published(service)) == ["t1", "t2"], "the failure records")
+    failures = service.redis.xrange(names.failures_stream(key_prefix))
+    assert all("unreadable job record" in json.loads(f[names.FAILURE_FIELD])["error"] for _, f in failures)
+    assert service.redis.zcard(service.app.state.jobs.store.leases_key) == 0
