@@ -32,7 +32,16 @@ _RESPONSES: dict[int | str, dict] = {
         "description": 'inline: the trees; stream: one Tree JSON per line (NDJSON), or {"error": ...} lines',
         "content": {NDJSON: {}},
     },
-    202: {"model": RolloutAccepted, "description": "queue: accepted; each tree is XADDed to the stream"},
+    202: {
+        "model": RolloutAccepted,
+        "description": "queue: the job is recorded in Redis; each tree is XADDed to the stream once",
+        "headers": {
+            "Job-Remaining-Trees": {
+                "description": "on a replay (Idempotent-Replayed: true): trees of the job not yet published",
+                "schema": {"type": "string"},
+            }
+        },
+    },
     409: {"model": ErrorBody, "description": "the same Idempotency-Key is still being processed"},
     410: {
         "model": ErrorBody,
