@@ -49,6 +49,16 @@ end
 """
 
 
+# Extend the TTL of idempotency records that are still pending (IdempotencyRecord.to_json: "is_done": false).
+_HOLD = """
+for _, key in ipairs(KEYS) do
+  local value = redis.call('GET', key)
+  if value and string.find(value, '"is_done": false', 1, true) then redis.call('EXPIRE', key, ARGV[1]) end
+end
+return 0
+"""
+
+
 @dataclass(slots=True)
 class QueueStats:
     depth: int  # trees not yet consumed by the slowest consumer group (the stream length without groups)
@@ -89,6 +99,7 @@ class TreeQueue:
         self.failures = names.failures_stream(prefix)
         self.retention = retention
         self.groups = groups  # the training groups whose backlog is the queue depth
+        self._hold = redis.register_script(_HOLD)
 
     # Public API
 
@@ -186,14 +197,11 @@ class TreeQueue:
         await self.redis.set(redis_key, value, ex=ttl)
 
     async def hold(self, keys: set[str]) -> None:
-        """Renew the pending idempotency keys of requests still running here."""
+        """Renew the pending idempotency keys of requests still running here (a finished record, written
+        meanwhile, keeps its own TTL)."""
         if keys:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for key in list(keys):
-                    pipe.expire(
-                        names.idempotency_key(key, self.prefix), self.retention.pending_lease_s, xx=False
-                    )
-                await pipe.execute()
+            redis_keys = [names.idempotency_key(key, self.prefix) for key in keys]
+            await self._hold(keys=redis_keys, args=[self.retention.pending_lease_s])
 
     async def release(self, key: str) -> None:
         """Forget a claim whose request was refused or failed, so a retry can run (best effort)."""

@@ -198,3 +198,26 @@ def test_an_unreadable_job_record_becomes_failure_records(service: Service, key_
     failures = service.redis.xrange(names.failures_stream(key_prefix))
     assert all("unreadable job record" in json.loads(f[names.FAILURE_FIELD])["error"] for _, f in failures)
     assert service.redis.zcard(service.app.state.jobs.store.leases_key) == 0
+
+
+def test_renewal_extends_pending_keys_only(service: Service, key_prefix: str) -> None:
+    import asyncio
+
+    queue = service.app.state.queue
+    pending = names.idempotency_key("running", key_prefix)
+    done = names.idempotency_key("finished", key_prefix)
+    service.redis.set(pending, IdempotencyRecord("f", False).to_json(), ex=5)
+    service.redis.set(done, IdempotencyRecord("f", True, 200).to_json(), ex=3600)
+
+    async def hold() -> None:
+        import redis.asyncio as aioredis
+
+        from treepo.service.queue import TreeQueue
+
+        client = aioredis.Redis.from_url(service.settings.redis_url, decode_responses=True)
+        await TreeQueue(client, key_prefix, queue.retention, []).hold({"running", "finished"})
+        await client.aclose()
+
+    asyncio.run(hold())
+    assert 5 < service.redis.ttl(pending) <= queue.retention.pending_lease_s
+    assert service.redis.ttl(done) > 3000, "a finished record keeps its TTL"
