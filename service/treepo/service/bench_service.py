@@ -127,7 +127,7 @@ async def _throughput(url: str, workload: Workload, num_clients: int, metrics: A
     """`num_clients` clients, each sending its share of `num_prompts` one-prompt requests back to back."""
     from treepo.client import AsyncTreePOClient
 
-    calls_before, batch_before, tokens_before = _engine_counters(metrics)
+    calls_before, tokens_before = _engine_counters(metrics)
     per_client = max(1, workload.num_prompts // num_clients)
 
     async def one_client(index: int) -> int:
@@ -142,7 +142,7 @@ async def _throughput(url: str, workload: Workload, num_clients: int, metrics: A
     started = time.perf_counter()
     leaves = sum(await asyncio.gather(*(one_client(i) for i in range(num_clients))))
     wall = time.perf_counter() - started
-    calls, batch, tokens = _engine_counters(metrics)
+    calls, tokens = _engine_counters(metrics)
     num_trees = per_client * num_clients
     return {
         "clients": num_clients,
@@ -151,18 +151,14 @@ async def _throughput(url: str, workload: Workload, num_clients: int, metrics: A
         "trees_per_s": num_trees / wall,
         "trajectories_per_s": leaves / wall,
         "decoded_tokens_per_s": (tokens - tokens_before) / wall,
-        "mean_engine_batch": (batch - batch_before) / max(1, calls - calls_before),
+        "engine_requests": calls - calls_before,
     }
 
 
-def _engine_counters(metrics: Any) -> tuple[float, float, float]:
-    names = (
-        "treepo_engine_calls_total",
-        "treepo_engine_batch_size_requests_sum",
-        "treepo_decoded_tokens_total",
-    )
-    calls, batch, tokens = (metrics.registry.get_sample_value(name) or 0.0 for name in names)
-    return calls, batch, tokens
+def _engine_counters(metrics: Any) -> tuple[float, float]:
+    names = ("treepo_engine_calls_total", "treepo_decoded_tokens_total")
+    calls, tokens = (metrics.registry.get_sample_value(name) or 0.0 for name in names)
+    return calls, tokens
 
 
 def _free_port() -> int:
@@ -177,13 +173,12 @@ def run_bench(settings: Any, workload: Workload) -> BenchResult:
 
     from treepo.client import TreePOClient
     from treepo.service.app import create_app
-    from treepo.service.engine.batcher import BatchingEngine
     from treepo.service.factory import build_engine
     from treepo.service.sampler import TreeSampler
     from treepo.service.server import BackgroundServer
 
     engine, codec = build_engine(settings)  # the direct side's own engine: both sides start cold
-    sampler = TreeSampler(BatchingEngine(engine, max_batch_size=settings.max_batch_size), codec.decode)
+    sampler = TreeSampler(engine, codec.decode)
     app = create_app(settings)
     shape = {
         "num_prompts": workload.num_prompts,
@@ -297,7 +292,7 @@ def _print_table(result: BenchResult) -> None:
             str(summary[f"{mode}_same_trees"]),
         )
     sweep = Table(title="throughput (one-prompt inline requests, back to back per client)")
-    for column in ("clients", "trees/s", "trajectories/s", "decoded tokens/s", "mean engine batch"):
+    for column in ("clients", "trees/s", "trajectories/s", "decoded tokens/s", "engine requests"):
         sweep.add_column(column)
     for row in result.throughput:
         sweep.add_row(
@@ -305,7 +300,7 @@ def _print_table(result: BenchResult) -> None:
             f"{row['trees_per_s']:.2f}",
             f"{row['trajectories_per_s']:.1f}",
             f"{row['decoded_tokens_per_s']:.0f}",
-            f"{row['mean_engine_batch']:.1f}",
+            f"{row['engine_requests']:.0f}",
         )
     console = Console()
     console.print(table)

@@ -96,8 +96,16 @@ class Settings(BaseSettings):
         description="How often trees every training group acknowledged are trimmed from the stream.",
     )
     api_token: SecretStr | None = Field(default=None, description="Bearer token; null = no auth.")
-    max_batch_size: int | None = Field(
-        default=None, ge=1, description="Requests per engine call; null = all."
+    max_kv_tokens: int = Field(
+        default=65_536,
+        ge=64,
+        description="Embedded engine KV budget in tokens (radix cache + running rows); more waits.",
+    )
+    max_running_rows: int = Field(
+        default=256, ge=1, description="Embedded engine rows decoding at once; more requests wait."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="Embedded engine dtype; auto = float32 on CPU, the checkpoint's on CUDA."
     )
     retry_after_s: int = Field(default=2, ge=1, description="Retry-After sent with 429 and 503.")
     swap_wait_s: float = Field(

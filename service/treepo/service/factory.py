@@ -55,7 +55,15 @@ def _embedded(settings: Settings) -> tuple[Engine, Codec]:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     path = settings.resolved_model_path()
-    return EmbeddedEngine(path, device=settings.device), HFCodec(path)
+    dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
+    engine = EmbeddedEngine(
+        path,
+        device=settings.device,
+        dtype=dtype,
+        max_kv_tokens=settings.max_kv_tokens,
+        max_running_rows=settings.max_running_rows,
+    )
+    return engine, HFCodec(path)
 
 
 def _sglang(settings: Settings) -> tuple[Engine, Codec]:

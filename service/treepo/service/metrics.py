@@ -7,7 +7,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from treepo.client.schema import Tree
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 FINISH_REASONS = ("answer", "eos", "max_tokens", "max_depth", "repetition")
 REJECT_REASONS = (
     "queue_full",
@@ -67,11 +66,12 @@ class ServiceMetrics:
         self.cached_tokens = Counter(
             "treepo_cached_tokens", "Input tokens served from the prefix cache.", registry=r
         )
-        self.engine_calls = Counter("treepo_engine_calls", "Engine generate() calls.", registry=r)
-        self.engine_batch_size = Histogram(
-            "treepo_engine_batch_size_requests",
-            "Requests per engine call.",
-            buckets=BATCH_BUCKETS,
+        self.engine_calls = Counter(
+            "treepo_engine_calls", "Engine requests sent (one generate call each).", registry=r
+        )
+        self.engine_in_flight = Gauge(
+            "treepo_engine_requests_in_flight",
+            "Engine requests in flight (the engine batches them itself).",
             registry=r,
         )
         self.finish_reasons = Counter(
@@ -148,10 +148,9 @@ class ServiceMetrics:
         for reason, count in stats.finish_reasons.items():
             self.finish_reasons.labels(reason=reason).inc(count)
 
-    def observe_engine_call(self, batch_size: int, prefill_tokens: int, cached_tokens: int) -> None:
-        """Count one real engine call (after batching), with its prefix-cache accounting."""
+    def observe_engine_call(self, prefill_tokens: int, cached_tokens: int) -> None:
+        """Count one finished engine request, with its prefix-cache accounting."""
         self.engine_calls.inc()
-        self.engine_batch_size.observe(batch_size)
         self.prefill_tokens.inc(prefill_tokens)
         self.cached_tokens.inc(cached_tokens)
 

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -87,32 +87,32 @@ def engine_error_reason(exc: BaseException) -> str:
 
 
 class MeteredEngine(EngineWrapper):
-    """The real engine behind the batcher: one call here is one engine batch, counted and swap-gated."""
+    """The engine every sampler shares: each request counted, and held off while weights swap."""
 
     def __init__(self, inner: Engine, gate: SwapGate, metrics: ServiceMetrics) -> None:
         super().__init__(inner)
         self._gate = gate
         self._metrics = metrics
 
-    async def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateOutput]:
+    async def generate(self, request: GenerateRequest) -> GenerateOutput:
         async with self._gate.shared():
+            self._metrics.engine_in_flight.inc()
             try:
-                outputs = await self.inner.generate(requests)
+                output = await self.inner.generate(request)
             except Exception as exc:
                 self._metrics.engine_errors.labels(reason=engine_error_reason(exc)).inc()
                 raise
-        prefill = sum(output.prefill_tokens for output in outputs)
-        cached = sum(output.cached_tokens for output in outputs)
-        self._metrics.observe_engine_call(len(requests), prefill, cached)
-        return outputs
+            finally:
+                self._metrics.engine_in_flight.dec()
+        self._metrics.observe_engine_call(output.prefill_tokens, output.cached_tokens)
+        return output
 
 
 @dataclass(slots=True)
 class Loaded:
     """What exists once the engine is up."""
 
-    engine: Engine  # the batching engine every sampler shares
-    metered: MeteredEngine
+    metered: MeteredEngine  # the engine every sampler shares
     codec: Codec
     sampler: TreeSampler
 
@@ -135,7 +135,6 @@ class EngineRuntime:
 
     async def load(self) -> None:
         """Build the engine off the event loop; never raises (the failure is reported by readyz)."""
-        from treepo.service.engine.batcher import BatchingEngine
         from treepo.service.sampler import TreeSampler
 
         try:
@@ -146,9 +145,8 @@ class EngineRuntime:
             self.metrics.engine_errors.labels(reason="unavailable").inc()
             return
         metered = MeteredEngine(inner, self.gate, self.metrics)
-        batching = BatchingEngine(metered, max_batch_size=self.settings.max_batch_size)
-        sampler = TreeSampler(batching, codec.decode)
-        self._loaded = Loaded(engine=batching, metered=metered, codec=codec, sampler=sampler)
+        sampler = TreeSampler(metered, codec.decode)
+        self._loaded = Loaded(metered=metered, codec=codec, sampler=sampler)
         self.weights = WeightsInfo(policy_version=inner.policy_version)
         self.metrics.policy_version.set(inner.policy_version)
         self.state = "ready"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,11 +46,11 @@ class FailingEngine(ScriptedEngine):
         super().__init__(printable_script(), **kwargs)
         self.num_ok = num_ok
 
-    async def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateOutput]:
-        if len(self.calls) >= self.num_ok:
-            self.calls.append(list(requests))
+    async def generate(self, request: GenerateRequest) -> GenerateOutput:
+        if len(self.requests) >= self.num_ok:
+            self.requests.append(request)
             raise EngineError("backend exploded")
-        return await super().generate(requests)
+        return await super().generate(request)
 
 
 def factory_of(make: Callable[[], ScriptedEngine], delay_s: float = 0.0) -> EngineFactory:

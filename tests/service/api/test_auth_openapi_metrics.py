@@ -20,7 +20,7 @@ METRIC_NAMES = [
     "treepo_prefill_tokens_total",
     "treepo_cached_tokens_total",
     "treepo_engine_calls_total",
-    "treepo_engine_batch_size_requests",
+    "treepo_engine_requests_in_flight",
     "treepo_finish_reasons_total",
     "treepo_fallbacks_total",
     "treepo_tree_sampling_duration_seconds",
@@ -105,8 +105,8 @@ def test_metrics_names_labels_and_counts_after_a_rollout(service: Service) -> No
     assert _value(after, "treepo_independent_tokens_total") == sum(
         t["stats"]["independent_tokens"] for t in trees
     )
-    assert _value(after, "treepo_engine_calls_total") == len(service.engine.calls)
-    assert _value(after, "treepo_engine_batch_size_requests_sum") == sum(service.engine.batch_sizes)
+    assert _value(after, "treepo_engine_calls_total") == len(service.engine.requests)
+    assert _value(after, "treepo_engine_requests_in_flight") == 0
     assert _value(after, "treepo_prefill_tokens_total") + _value(after, "treepo_cached_tokens_total") > 0
     leaves = sum(_value(after, f'treepo_finish_reasons_total{{reason="{r}"}}') for r in FINISH_REASONS)
     assert leaves == 2 * SMALL_TREE["width"]

@@ -112,11 +112,11 @@ def test_idempotent_inline_request_replays_the_trees(service: Service) -> None:
         again = http.post("/rollout_tree", json=_body(), headers=headers)
     assert first.status_code == again.status_code == 200
     assert first.json() == again.json()
-    assert len(service.engine.calls) > 0
-    calls = len(service.engine.calls)
+    assert len(service.engine.requests) > 0
+    calls = len(service.engine.requests)
     with service.client() as http:
         http.post("/rollout_tree", json=_body(), headers=headers)
-    assert len(service.engine.calls) == calls, "a replay must not sample again"
+    assert len(service.engine.requests) == calls, "a replay must not sample again"
 
 
 def test_get_tree_and_unknown_tree(service: Service) -> None:
@@ -127,10 +127,10 @@ def test_get_tree_and_unknown_tree(service: Service) -> None:
     assert missing.status_code == 404 and "nope" in missing.json()["detail"]
 
 
-def test_requests_share_engine_batches(make_service) -> None:
-    """Concurrent prompts go to the engine together: calls hold paths of several trees."""
+def test_requests_of_several_trees_are_in_flight_together(make_service) -> None:
+    """Concurrent prompts reach the engine together: every path's segment is its own request in flight."""
     service = make_service(scripted_latency_s=0.01)
     with service.client() as http:
         body = {"prompts": [{"text": f"{i}+1="} for i in range(6)], "tree": SMALL_TREE}
         assert http.post("/rollout_tree", json=body).status_code == 200
-    assert max(service.engine.batch_sizes) >= 6 * SMALL_TREE["branch"]
+    assert service.engine.peak_in_flight >= 6 * SMALL_TREE["branch"]

@@ -134,7 +134,7 @@ def test_a_tree_sampled_across_an_update_records_each_segments_version(make_serv
     thread = threading.Thread(target=sample)
     thread.start()
     with service.client() as http:
-        while not service.engine.calls:
+        while not service.engine.requests:
             pass
         assert http.post("/weights", json={"path": "step-1.safetensors"}).status_code == 200
     thread.join()

@@ -1,4 +1,5 @@
-"""EmbeddedEngine against plain transformers on a tiny random Qwen2: outputs, cache reuse, eviction."""
+"""EmbeddedEngine (continuously batched, one request per call) against plain transformers on a tiny random
+Qwen2: outputs, cache reuse, eviction, requests joining mid-decode, cancellation, per-request errors."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from treepo.service.engine.embedded import EmbeddedEngine
-from treepo.service.engine.protocol import Engine, EngineRequestError, GenerateRequest
+from treepo.service.engine.protocol import Engine, EngineRequestError, GenerateRequest, generate_all
 
 EOS = 1  # as saved by conftest.save_tiny_qwen2
 PROMPTS = [[3, 4, 5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17, 18], [19]]
@@ -31,8 +32,10 @@ def hf_greedy(model, input_ids: list[int], max_new_tokens: int) -> list[int]:
 
 
 @pytest.fixture
-def engine(tiny_model_path) -> EmbeddedEngine:
-    return EmbeddedEngine(tiny_model_path, max_cache_tokens=4096, max_batch_size=8)
+def engine(tiny_model_path):
+    engine = EmbeddedEngine(tiny_model_path, max_kv_tokens=4096, max_running_rows=8)
+    yield engine
+    engine.close()
 
 
 def test_implements_the_engine_protocol(engine):
@@ -44,37 +47,37 @@ def test_implements_the_engine_protocol(engine):
 
 async def test_greedy_matches_transformers_generate_cold_and_warm(engine, reference_model):
     expected = [hf_greedy(reference_model, p, 12) for p in PROMPTS]
-    cold = await engine.generate([greedy(p) for p in PROMPTS])
+    cold = await generate_all(engine, [greedy(p) for p in PROMPTS])
     assert [o.output_ids for o in cold] == expected
     assert [o.cached_tokens for o in cold] == [0, 0, 0, 0]
-    warm = await engine.generate([greedy(p) for p in PROMPTS])
+    warm = await generate_all(engine, [greedy(p) for p in PROMPTS])
     assert [o.output_ids for o in warm] == expected
     assert [o.cached_tokens for o in warm] == [len(p) - 1 for p in PROMPTS]  # capped: one token computed
     # the next segment of each path: the whole input is cached except its last (sampled) token
     continued = [p + out for p, out in zip(PROMPTS, expected, strict=True)]
-    nxt = await engine.generate([greedy(p, 8) for p in continued])
+    nxt = await generate_all(engine, [greedy(p, 8) for p in continued])
     assert [o.output_ids for o in nxt] == [hf_greedy(reference_model, p, 8) for p in continued]
     assert [o.prefill_tokens for o in nxt] == [1, 1, 1, 1]
 
 
 async def test_mixed_cached_and_fresh_rows_in_one_batch(engine, reference_model):
-    await engine.generate([greedy(PROMPTS[0], 4)])
+    await generate_all(engine, [greedy(PROMPTS[0], 4)])
     batch = [PROMPTS[0] + [20, 21, 22], [30, 31, 32, 33, 34, 35, 36], [*PROMPTS[0][:4], 40]]
-    outs = await engine.generate([greedy(p, 10) for p in batch])
+    outs = await generate_all(engine, [greedy(p, 10) for p in batch])
     assert [o.cached_tokens for o in outs] == [9, 0, 4]
     assert [o.output_ids for o in outs] == [hf_greedy(reference_model, p, 10) for p in batch]
 
 
 async def test_siblings_of_a_cached_prefix_only_compute_their_suffix(engine):
     prefix = list(range(3, 43))  # 40 tokens
-    await engine.generate([greedy(prefix, 1)])
+    await generate_all(engine, [greedy(prefix, 1)])
     before = engine.num_computed_tokens
     embedded_tokens: list[int] = []
     hook = engine.model.get_input_embeddings().register_forward_hook(
         lambda module, args, out: embedded_tokens.append(args[0].numel())
     )
     try:
-        outs = await engine.generate([greedy([*prefix, 50 + i], 5) for i in range(4)])
+        outs = await generate_all(engine, [greedy([*prefix, 50 + i], 5) for i in range(4)])
     finally:
         hook.remove()
     assert [o.cached_tokens for o in outs] == [40] * 4
@@ -84,18 +87,19 @@ async def test_siblings_of_a_cached_prefix_only_compute_their_suffix(engine):
 
 
 async def test_eviction_under_a_tiny_budget_still_gives_correct_output(tiny_model_path, reference_model):
-    engine = EmbeddedEngine(tiny_model_path, max_cache_tokens=16, max_batch_size=4)
+    engine = EmbeddedEngine(tiny_model_path, max_kv_tokens=24, max_running_rows=4)
     for _ in range(2):
-        outs = await engine.generate([greedy(p, 10) for p in PROMPTS])
+        outs = await generate_all(engine, [greedy(p, 10) for p in PROMPTS])
         assert [o.output_ids for o in outs] == [hf_greedy(reference_model, p, 10) for p in PROMPTS]
-        assert engine.radix.total_size <= 16
-        assert engine.radix.total_size + engine.pool.num_free == 16  # no slot leaked
+        assert engine.radix.total_size <= 24 and engine.radix.protected_size == 0
+        assert engine.radix.total_size + engine.pool.num_free == 24  # no slot leaked
 
 
 async def test_nodes_in_use_are_not_evicted_mid_batch(tiny_model_path, reference_model):
-    engine = EmbeddedEngine(tiny_model_path, max_cache_tokens=24, max_batch_size=8)
+    engine = EmbeddedEngine(tiny_model_path, max_kv_tokens=40, max_running_rows=8)
     long_prompt = list(range(3, 23))  # 20 tokens
-    await engine.generate([greedy(long_prompt, 1)])
+    other = list(range(30, 42))  # 12 tokens: evictable once its request is done
+    await generate_all(engine, [greedy(long_prompt, 1), greedy(other, 1)])
     seen_protected = []
     original = engine.radix.evict
 
@@ -106,20 +110,21 @@ async def test_nodes_in_use_are_not_evicted_mid_batch(tiny_model_path, reference
         return freed
 
     engine.radix.evict = watching_evict
-    batch = [[*long_prompt, 40], [*long_prompt, 41], [50, 51, 52, 53]]
-    outs = await engine.generate([greedy(p, 6) for p in batch])
-    assert seen_protected and max(seen_protected) >= 19
-    assert [o.cached_tokens for o in outs] == [20, 20, 0]
+    batch = [[*long_prompt, 40], [*long_prompt, 41]]
+    outs = await generate_all(engine, [greedy(p, 6) for p in batch])
+    assert seen_protected and max(seen_protected) >= 19  # evicted `other` while the prefix was locked
+    assert [o.cached_tokens for o in outs] == [20, 20]
     assert [o.output_ids for o in outs] == [hf_greedy(reference_model, p, 6) for p in batch]
     assert engine.radix.protected_size == 0  # every lock released
+    engine.close()
 
 
 async def test_stop_ids_and_max_new_tokens(engine, reference_model):
     free_run = hf_greedy(reference_model, PROMPTS[0], 12)
     stop = free_run[3]
     first_stop = free_run.index(stop)
-    outs = await engine.generate(
-        [greedy(PROMPTS[0], 12, stop_token_ids=(stop,)), greedy(PROMPTS[0], 2), greedy(PROMPTS[0], 1)]
+    outs = await generate_all(
+        engine, [greedy(PROMPTS[0], 12, stop_token_ids=(stop,)), greedy(PROMPTS[0], 2), greedy(PROMPTS[0], 1)]
     )
     assert outs[0].output_ids == free_run[: first_stop + 1] and outs[0].finish_reason == "stop"
     assert outs[1].output_ids == free_run[:2] and outs[1].finish_reason == "length"
@@ -130,14 +135,14 @@ async def test_eos_stops_a_request(engine):
     # make EOS the most likely token by scaling its output row: greedy must stop on it at once
     with torch.no_grad():
         engine.model.lm_head.weight[EOS] *= 50
-    outs = await engine.generate([greedy(PROMPTS[1], 10)])
+    outs = await generate_all(engine, [greedy(PROMPTS[1], 10)])
     assert outs[0].output_ids[-1] == EOS and outs[0].finish_reason == "stop"
     assert len(outs[0].output_ids) < 10
 
 
 async def test_logprobs_match_a_direct_forward_pass(engine, reference_model):
     request = GenerateRequest(input_ids=PROMPTS[2], max_new_tokens=8, temperature=0.7, top_k=10, seed=3)
-    [out] = await engine.generate([request])
+    [out] = await generate_all(engine, [request])
     sequence = torch.tensor([PROMPTS[2] + out.output_ids])
     with torch.no_grad():
         logits = reference_model(sequence).logits[0, len(PROMPTS[2]) - 1 : -1]  # (T, V)
@@ -152,20 +157,22 @@ async def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_model_
         return GenerateRequest(input_ids=prompt, max_new_tokens=10, temperature=1.0, top_p=0.9, seed=seed)
 
     engine = EmbeddedEngine(tiny_model_path)
-    alone = await engine.generate([sampled(7, PROMPTS[0])])
+    alone = await generate_all(engine, [sampled(7, PROMPTS[0])])
     again = EmbeddedEngine(tiny_model_path)
-    crowd = await again.generate([sampled(1, PROMPTS[1]), sampled(7, PROMPTS[0]), sampled(2, PROMPTS[3])])
+    crowd = await generate_all(
+        again, [sampled(1, PROMPTS[1]), sampled(7, PROMPTS[0]), sampled(2, PROMPTS[3])]
+    )
     assert crowd[1].output_ids == alone[0].output_ids
-    others = await engine.generate([sampled(s, PROMPTS[0]) for s in (8, 9, 10)])
+    others = await generate_all(engine, [sampled(s, PROMPTS[0]) for s in (8, 9, 10)])
     assert len({tuple(o.output_ids) for o in others + alone}) > 1  # seeds matter
 
 
 async def test_update_weights_changes_outputs_and_flushes_the_cache(engine, other_model_path):
-    before = await engine.generate([greedy(p) for p in PROMPTS])
+    before = await generate_all(engine, [greedy(p) for p in PROMPTS])
     assert engine.radix.total_size > 0
     await engine.update_weights(str(other_model_path / "model.safetensors"), version=3)
     assert engine.policy_version == 3 and engine.radix.total_size == 0
-    after = await engine.generate([greedy(p) for p in PROMPTS])
+    after = await generate_all(engine, [greedy(p) for p in PROMPTS])
     assert [o.cached_tokens for o in after] == [0, 0, 0, 0]
     assert [o.output_ids for o in after] != [o.output_ids for o in before]
     assert all(o.policy_version == 3 for o in after)
@@ -174,7 +181,7 @@ async def test_update_weights_changes_outputs_and_flushes_the_cache(engine, othe
 async def test_update_weights_from_a_checkpoint_directory(tiny_model_path, other_model_path, reference_model):
     engine = EmbeddedEngine(other_model_path)
     await engine.update_weights(str(tiny_model_path), version=1)
-    outs = await engine.generate([greedy(PROMPTS[0])])
+    outs = await generate_all(engine, [greedy(PROMPTS[0])])
     assert outs[0].output_ids == hf_greedy(reference_model, PROMPTS[0], 12)
 
 
@@ -214,16 +221,55 @@ async def test_bad_weights_raise_value_error(engine, tmp_path):
 async def test_bad_requests_are_rejected_with_a_clear_message(engine, request_kwargs, message):
     request = GenerateRequest(**{"input_ids": [3, 4], "max_new_tokens": 4, **request_kwargs})
     with pytest.raises(EngineRequestError, match=message):
-        await engine.generate([request])
+        await engine.generate(request)
 
 
-async def test_batches_run_one_at_a_time_and_chunk_by_max_batch_size(tiny_model_path, reference_model):
-    engine = EmbeddedEngine(tiny_model_path, max_batch_size=3)
-    calls = [engine.generate([greedy(p, 6) for p in PROMPTS]) for _ in range(3)]
+async def test_concurrent_callers_share_the_engine_and_each_get_exact_results(engine, reference_model):
+    calls = [generate_all(engine, [greedy(p, 6) for p in PROMPTS]) for _ in range(3)]
     results = await asyncio.gather(*calls)
     expected = [hf_greedy(reference_model, p, 6) for p in PROMPTS]
     assert all([o.output_ids for o in outs] == expected for outs in results)
-    assert engine.counters.num_calls == 3 and engine.counters.num_requests == 12
+    assert engine.counters.num_requests == 12
+
+
+async def test_a_request_joining_mid_decode_matches_transformers(tiny_model_path, reference_model):
+    engine = EmbeddedEngine(tiny_model_path, eos_token_ids=())
+    first = asyncio.create_task(engine.generate(greedy(PROMPTS[0], 60)))
+    while engine.num_forward_passes < 3:
+        await asyncio.sleep(0.001)
+    assert not first.done()
+    second = await engine.generate(greedy(PROMPTS[2], 8))
+    assert not first.done()  # the joiner finished (and was delivered) while the first row kept decoding
+    assert second.output_ids == hf_greedy(reference_model, PROMPTS[2], 8)
+    expected = reference_model.generate(
+        torch.tensor([PROMPTS[0]]), max_new_tokens=60, min_new_tokens=60, do_sample=False, pad_token_id=0
+    )[0, len(PROMPTS[0]) :].tolist()
+    assert (await first).output_ids == expected
+    engine.close()
+
+
+async def test_cancel_aborts_the_row_and_releases_its_locks(tiny_model_path):
+    engine = EmbeddedEngine(tiny_model_path, eos_token_ids=())  # no early stop: still running when cancelled
+    task = asyncio.create_task(engine.generate(GenerateRequest([5, 6], 400, temperature=1.0, seed=1)))
+    while not engine.scheduler.running:
+        assert not task.done(), "the request ended before it could be cancelled"
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    while engine.scheduler.running:
+        await asyncio.sleep(0.01)
+    assert engine.radix.protected_size == 0 and engine.blocks.num_reserved == 0
+    assert engine.counters.decoded_tokens == 0
+    engine.close()
+
+
+async def test_an_invalid_request_fails_alone(engine, reference_model):
+    good = engine.generate(greedy(PROMPTS[0], 6))
+    bad = engine.generate(GenerateRequest([3, 4], 4, top_p=0.0))
+    results = await asyncio.gather(good, bad, return_exceptions=True)
+    assert results[0].output_ids == hf_greedy(reference_model, PROMPTS[0], 6)
+    assert isinstance(results[1], EngineRequestError)
 
 
 def test_rejects_a_path_without_a_model(tmp_path):
@@ -236,7 +282,7 @@ async def test_a_prefix_shared_within_one_call_is_computed_once(engine, referenc
     copies = list(range(50, 60))  # two identical prompts (TreePO's init_branch copies)
     batch = [[*prefix, 40 + i] for i in range(4)] + [copies, [61, 62], copies]
     before = engine.num_computed_tokens
-    outs = await engine.generate([greedy(p, 3) for p in batch])
+    outs = await generate_all(engine, [greedy(p, 3) for p in batch])
     prefill = sum(o.prefill_tokens for o in outs)
     assert prefill == len(prefix) + 4 + len(copies) + 1 + 2  # shared parts once, then each row's last token
     assert sum(o.cached_tokens for o in outs) + prefill == sum(len(p) for p in batch)
@@ -251,5 +297,5 @@ async def test_greedy_matches_transformers_generate_on_cuda(tiny_model_path, ref
     engine = EmbeddedEngine(tiny_model_path, device="cuda", dtype=torch.float32)
     expected = [hf_greedy(reference_model, p, 12) for p in PROMPTS]
     for _ in range(2):  # cold, then warm
-        outs = await engine.generate([greedy(p) for p in PROMPTS])
+        outs = await generate_all(engine, [greedy(p) for p in PROMPTS])
         assert [o.output_ids for o in outs] == expected

@@ -58,6 +58,12 @@ def random_script(eos_prob: float) -> Script:
     return script
 
 
+def level_sizes(tree: Tree) -> list[int]:
+    """Paths sampled per level, from the node ids "<level>-<k>" (a fallback split's tail adds ".<offset>")."""
+    levels = [int(node.id.split("-")[0]) for node in tree.nodes if "." not in node.id]
+    return [levels.count(level) for level in range(1, max(levels) + 1)]
+
+
 def leaf_paths(tree: Tree) -> list[str]:
     return ["#".join(node.id for node in tree.path(leaf)) for leaf in tree.leaves]
 

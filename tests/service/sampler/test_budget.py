@@ -82,33 +82,11 @@ def test_step_budget_release_formula(finished: int, group_finished: int, alive: 
     total = step_budget(
         width=16,
         num_finished=finished,
-        num_reserved=0,
         group_finished=group_finished,
         group_alive=alive,
         branch=2,
     )
     assert total == expected
-
-
-def test_step_budget_counts_reserved_and_pool() -> None:
-    assert (
-        step_budget(width=16, num_finished=1, num_reserved=10, group_finished=0, group_alive=1, branch=2) == 2
-    )
-    assert (
-        step_budget(width=16, num_finished=1, num_reserved=12, group_finished=0, group_alive=1, branch=2) == 2
-    )
-    assert (
-        step_budget(width=16, num_finished=1, num_reserved=13, group_finished=0, group_alive=1, branch=2) == 2
-    )
-    assert (
-        step_budget(width=16, num_finished=1, num_reserved=14, group_finished=0, group_alive=1, branch=2) == 1
-    )
-    assert (
-        step_budget(
-            width=16, num_finished=1, num_reserved=0, group_finished=0, group_alive=1, branch=2, pool=2
-        )
-        == 4
-    )
 
 
 def test_unknown_policy_is_a_clear_error() -> None:

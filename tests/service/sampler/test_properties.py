@@ -1,4 +1,4 @@
-"""Tree invariants on random scripted engines and random tree parameters (hypothesis)."""
+"""Tree invariants, and async = sync, on random scripted engines and random tree parameters (hypothesis)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sampler_helpers import EOS, PROMPT, check_invariants, decode, random_script
 
-from treepo.client.schema import SamplingParams, TreeParams
-from treepo.service.engine.batcher import BatchingEngine
+from treepo.client.schema import SamplingParams, Tree, TreeParams
+from treepo.service.engine.protocol import EngineWrapper, GenerateOutput, GenerateRequest
 from treepo.service.engine.scripted import ScriptedEngine
 from treepo.service.sampler import TreeSampler
 
@@ -34,25 +34,71 @@ def tree_params(draw: st.DrawFn) -> TreeParams:
     )
 
 
+class Recorder(EngineWrapper):
+    """Keeps every request and how many tokens the engine decoded for it."""
+
+    def __init__(self, inner: ScriptedEngine) -> None:
+        super().__init__(inner)
+        self.requests: list[GenerateRequest] = []
+        self.decoded = 0
+
+    async def generate(self, request: GenerateRequest) -> GenerateOutput:
+        self.requests.append(request)
+        output = await self.inner.generate(request)
+        self.decoded += len(output.output_ids)
+        return output
+
+
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     params=tree_params(),
     eos_prob=st.sampled_from([0.0, 0.05, 0.2, 0.6]),
     max_new_tokens=st.one_of(st.none(), st.integers(1, 30)),
-    max_batch_size=st.one_of(st.none(), st.integers(1, 5)),
+    jitter_s=st.sampled_from([0.0, 0.001]),
     seed=st.integers(0, 2**31),
 )
 def test_tree_invariants(
-    params: TreeParams, eos_prob: float, max_new_tokens: int | None, max_batch_size: int | None, seed: int
+    params: TreeParams, eos_prob: float, max_new_tokens: int | None, jitter_s: float, seed: int
 ) -> None:
-    scripted = ScriptedEngine(random_script(eos_prob), eos_token_id=EOS)
-    engine = BatchingEngine(scripted, max_batch_size=max_batch_size)
-    engine_decoded: list[int] = []
-    engine.add_listener(lambda record: engine_decoded.extend(len(out.output_ids) for out in record.outputs))
+    engine = Recorder(ScriptedEngine(random_script(eos_prob), eos_token_id=EOS, jitter_s=jitter_s))
     sampling = SamplingParams(max_new_tokens=max_new_tokens)
     tree = asyncio.run(TreeSampler(engine, decode).sample(PROMPT, params, sampling, seed=seed))
     limit = max_new_tokens or params.segment_tokens * params.max_depth
     check_invariants(tree, params, limit)
-    assert all(r.max_new_tokens <= params.segment_tokens for call in scripted.calls for r in call)
-    # no token decoded twice: what the engine decoded is exactly the tree's unique (node) tokens
-    assert tree.stats.decoded_tokens == sum(engine_decoded)
+    assert all(r.max_new_tokens <= params.segment_tokens for r in engine.requests)
+    # no token decoded twice, none thrown away: what the engine decoded is exactly the tree's node tokens
+    assert tree.stats.decoded_tokens == engine.decoded
+    assert tree.stats.engine_calls == len(engine.requests)
+
+
+def shape(tree: Tree) -> list[tuple]:
+    return [(n.id, n.parent, n.token_ids, n.finish_reason) for n in tree.nodes] + [tuple(tree.leaves)]
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    params=tree_params(),
+    eos_prob=st.sampled_from([0.0, 0.05, 0.2, 0.6]),
+    max_new_tokens=st.one_of(st.none(), st.integers(1, 30)),
+    jitter_seed=st.integers(0, 2**16),
+    seed=st.integers(0, 2**31),
+)
+def test_async_builds_the_same_tree_as_sync_whatever_the_timing(
+    params: TreeParams, eos_prob: float, max_new_tokens: int | None, jitter_seed: int, seed: int
+) -> None:
+    """The same seed gives the same tree in both schedules, with random engine delays and other trees'
+    requests in flight next to it (the engine returns requests in a shuffled order)."""
+    sampling = SamplingParams(max_new_tokens=max_new_tokens)
+    prompts = [PROMPT, [9, *PROMPT], [4, 4]]
+
+    async def sample_all(schedule: str, jitter_s: float) -> list[Tree]:
+        engine = ScriptedEngine(
+            random_script(eos_prob), eos_token_id=EOS, jitter_s=jitter_s, jitter_seed=jitter_seed
+        )
+        sampler, tree = TreeSampler(engine, decode), params.model_copy(update={"schedule": schedule})
+        return await asyncio.gather(*(sampler.sample(p, tree, sampling, seed=seed) for p in prompts))
+
+    reference = asyncio.run(sample_all("sync", 0.0))
+    for schedule in ("sync", "async"):
+        trees = asyncio.run(sample_all(schedule, 0.001))
+        assert [shape(t) for t in trees] == [shape(t) for t in reference], schedule

@@ -12,11 +12,11 @@ from sampler_helpers import (
     eos_at,
     first_request_dies,
     leaf_paths,
+    level_sizes,
     no_eos,
 )
 
 from treepo.client.schema import SamplingParams, TreeParams
-from treepo.service.engine.batcher import BatchingEngine
 from treepo.service.engine.scripted import ScriptedEngine
 from treepo.service.sampler import TreeSampler
 
@@ -44,29 +44,29 @@ async def sample(script, *, seed: int = 1, max_new_tokens: int | None = 16, engi
 
 @pytest.mark.parametrize("schedule", ["sync", "async"])
 async def test_vector_a_no_eos(schedule: str) -> None:
-    tree, engine, params = await sample(no_eos(), schedule=schedule)
-    assert engine.batch_sizes == [2, 4, 8, 8]
+    tree, _, params = await sample(no_eos(), schedule=schedule)
+    assert level_sizes(tree) == [2, 4, 8, 8]
     assert leaf_paths(tree) == TV1
     assert tree.stats.finish_reasons == {"max_tokens": 8}
     assert all(len(tokens) == 16 for _, tokens in tree.trajectories())
-    assert tree.stats.engine_calls == 4
+    assert tree.stats.engine_calls == 2 + 4 + 8 + 8  # one request per segment
     assert tree.stats.decoded_tokens == 4 * (2 + 4 + 8 + 8)
     assert tree.stats.independent_tokens == 8 * 16
     check_invariants(tree, params, 16)
 
 
 async def test_vector_f_eos_only_segment_finishes_b4() -> None:
-    tree, engine, params = await sample(eos_at(4), width=2)  # second segment of every path is [EOS]
-    assert engine.batch_sizes == [2, 2]
+    tree, _, params = await sample(eos_at(4), width=2)  # second segment of every path is [EOS]
+    assert level_sizes(tree) == [2, 2]
     leaves = [tree.node_map()[leaf] for leaf in tree.leaves]
     assert [(leaf.token_ids, leaf.finish_reason, leaf.depth) for leaf in leaves] == [([EOS], "eos", 2)] * 2
     check_invariants(tree, params, 16)
 
 
 async def test_early_stop_donates_budget_to_the_survivor() -> None:
-    tree, engine, params = await sample(first_request_dies(), width=16, max_depth=6, max_new_tokens=24)
+    tree, _, params = await sample(first_request_dies(), width=16, max_depth=6, max_new_tokens=24)
     # one of 2 depth-1 paths stops: the survivor gets min(15, 2 + 2) = 4 children; then 8; then 15 (w - F)
-    assert engine.batch_sizes[:4] == [2, 4, 8, 15]
+    assert level_sizes(tree)[:4] == [2, 4, 8, 15]
     nodes = tree.node_map()
     assert nodes["1-0"].finish_reason == "eos"
     assert [n.parent for n in tree.nodes if n.depth == 2] == ["1-1"] * 4
@@ -76,29 +76,29 @@ async def test_early_stop_donates_budget_to_the_survivor() -> None:
     check_invariants(tree, params, 24)
 
 
-async def test_async_pools_budget_donated_by_an_earlier_group() -> None:
-    """One request per engine call: the stop and the survivor come back apart; the donation still arrives."""
-    inner = ScriptedEngine(first_request_dies(), eos_token_id=EOS)
-    engine = BatchingEngine(inner, max_batch_size=1)
+async def test_async_decides_budget_per_level_whatever_the_return_order() -> None:
+    """The stop and the survivor come back at different times; the level's budget is the same as in sync."""
+    engine = ScriptedEngine(first_request_dies(), eos_token_id=EOS, jitter_s=0.005, jitter_seed=3)
     tree, _, params = await sample(
         None, engine=engine, width=16, max_depth=6, max_new_tokens=24, schedule="async"
     )
     assert tree.node_map()["1-0"].finish_reason == "eos"
     assert sum(1 for n in tree.nodes if n.parent == "1-1") == 4
+    assert level_sizes(tree)[:4] == [2, 4, 8, 15]
     check_invariants(tree, params, 24)
 
 
 async def test_all_paths_die_at_step_one_fallback_restarts_from_prompt() -> None:
-    tree, engine, params = await sample(eos_at(1))  # [t, EOS]: L = 2 < W = 4, so every cut is 0
-    assert engine.batch_sizes == [2, 4, 2]
+    tree, _, params = await sample(eos_at(1))  # [t, EOS]: L = 2 < W = 4, so every cut is 0
+    assert level_sizes(tree) == [2, 4, 2]
     assert all(node.parent is None and node.finish_reason == "eos" for node in tree.nodes)
     assert tree.stats.num_fallbacks == 2
     check_invariants(tree, params, 16)
 
 
 async def test_fallback_none_stops_with_fewer_leaves() -> None:
-    tree, engine, params = await sample(eos_at(1), fallback="none")
-    assert engine.batch_sizes == [2]
+    tree, _, params = await sample(eos_at(1), fallback="none")
+    assert level_sizes(tree) == [2]
     assert len(tree.leaves) == 2
     check_invariants(tree, params, 16, exact_width=False)
 
@@ -131,13 +131,13 @@ def test_invalid_fallback_window_is_a_validation_error_b3(window: int) -> None:
 async def test_random_init_divergence_is_applied_and_capped_b1() -> None:
     firsts = set()
     for seed in range(12):
-        _, engine, _ = await sample(no_eos(), seed=seed, width=16, init_branch=(2, 8))
-        firsts.add(engine.batch_sizes[0])
+        tree, _, _ = await sample(no_eos(), seed=seed, width=16, init_branch=(2, 8))
+        firsts.add(level_sizes(tree)[0])
     assert len(firsts) >= 3 and firsts <= set(range(2, 9))
-    _, engine, _ = await sample(no_eos(), width=4, init_branch=(6, 8))
-    assert engine.batch_sizes[0] == 4
-    _, engine, _ = await sample(no_eos(), width=3, init_branch=5)
-    assert engine.batch_sizes[0] == 3
+    tree, _, _ = await sample(no_eos(), width=4, init_branch=(6, 8))
+    assert level_sizes(tree)[0] == 4
+    tree, _, _ = await sample(no_eos(), width=3, init_branch=5)
+    assert level_sizes(tree)[0] == 3
 
 
 def repeating_answer(input_ids: list[int], rng) -> list[int]:
@@ -212,7 +212,7 @@ async def test_tree_fields_and_logprobs_toggle() -> None:
     bare = await sampler.sample(PROMPT, params, SamplingParams(max_new_tokens=16), return_logprobs=False)
     assert all(n.logprobs is None for n in bare.nodes)
     assert tree.stats.prefill_tokens + tree.stats.cached_tokens == sum(
-        len(request.input_ids) for call in engine.calls[:4] for request in call
+        len(request.input_ids) for request in engine.requests[: tree.stats.engine_calls]
     )
     assert tree.stats.cached_tokens > 0
 
@@ -256,8 +256,8 @@ async def test_sequential_baseline() -> None:
     sampler = TreeSampler(engine, decode)
     params = TreeParams(**SMALL)
     tree = await sampler.sample_sequential(PROMPT, params, SamplingParams(max_new_tokens=16), seed=3)
-    assert engine.batch_sizes == [8]
-    assert [r.max_new_tokens for r in engine.calls[0]] == [16] * 8
+    assert tree.stats.engine_calls == 8
+    assert [r.max_new_tokens for r in engine.requests] == [16] * 8
     assert tree.stats.finish_reasons == {"eos": 8}
     assert tree.stats.decoded_tokens == tree.stats.independent_tokens == 8 * 10
     assert all(len(tokens) == 10 for _, tokens in tree.trajectories())

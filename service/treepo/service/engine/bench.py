@@ -51,7 +51,7 @@ def bench_engine(
         torch.set_num_threads(threads)
 
     path = _model_path(model)
-    engine = EmbeddedEngine(path, device=device, max_batch_size=batch, eos_token_ids=())
+    engine = EmbeddedEngine(path, device=device, max_running_rows=batch, eos_token_ids=())
     longest = max(prompt_tokens, prefix_tokens + 8, prefix_tokens + new_tokens) + new_tokens
     if longest > engine.max_context:
         raise typer.BadParameter(

@@ -13,9 +13,9 @@ import logging
 
 import torch
 
+from treepo.service.engine.kv_pool import KVPool, KVShape
 from treepo.service.engine.radix_cache import RadixCache, TreeNode
 from treepo.service.engine.sequence import Sequence
-from treepo.service.engine.slot_pool import KVPool, KVShape
 
 logger = logging.getLogger(__name__)
 

@@ -1,32 +1,35 @@
-"""The embedded engine: any local Hugging Face causal LM, in process, with a radix prefix KV cache.
+"""The embedded engine: any local Llama-style Hugging Face causal LM, in process, continuously batched.
 
-One call = one batch (split in chunks of `max_batch_size`). For each request the longest cached prefix of
-its input is looked up in the radix tree and locked; the match is capped at len(input) - 1 (as SGLang
-does) so at least one input token is computed and gives the logits of the first new token. The runner
-gathers the cached KV once, computes only the uncached suffixes, decodes all rows together and hands
-each finished row's KV (input + output) back here to be inserted into the tree, so the next segment of
-the same path, and every sibling branching from it, is a cache hit. Compute runs in a worker thread and
-one batch runs at a time, so the event loop (the web server) stays responsive.
+`generate` takes one request and returns when that request's row stops. A worker thread runs a
+persistent decode loop (so the event loop, i.e. the web server, stays responsive): at every step
+boundary it takes new requests and aborts, asks the `Scheduler` which rows run (running rows decode,
+new ones prefill their uncached suffix in the same forward), lets the `BlockManager` give every fed
+token a KV-pool slot, runs the `ModelRunner` and samples. A finished row leaves at once and its
+caller's future resolves immediately. Prefix KV is read straight from the radix cache's pool slots.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import math
 import secrets
-from collections.abc import Sequence
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from treepo.service.engine.kv_pool import KVPool
-from treepo.service.engine.model_runner import ModelRunner, RowInput, RowKV
-from treepo.service.engine.prefix_groups import SharedPrefix, shared_prefixes
+from treepo.service.engine.block_manager import BlockManager
+from treepo.service.engine.model_runner import ModelRunner, RowStep, kv_shape
 from treepo.service.engine.protocol import EngineError, EngineRequestError, GenerateOutput, GenerateRequest
-from treepo.service.engine.radix_cache import RadixCache, TreeNode
-from treepo.service.engine.token_sampling import SamplingBatch
+from treepo.service.engine.scheduler import Scheduler, SchedulerConfig
+from treepo.service.engine.sequence import Sequence as Row
+from treepo.service.engine.token_sampling import SamplingBatch, draw_uniforms, sample_next
 from treepo.service.engine.weights import load_weights, read_state_dict
 
 logger = logging.getLogger(__name__)
@@ -34,10 +37,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class EngineCounters:
-    """Totals since start (for metrics and tests)."""
+    """Totals since start (for metrics, benchmarks and tests)."""
 
     num_requests: int = 0
-    num_calls: int = 0
     cached_tokens: int = 0  # input tokens served from the radix cache
     prefill_tokens: int = 0  # input tokens computed
     decoded_tokens: int = 0
@@ -52,29 +54,30 @@ class EmbeddedEngine:
         *,
         device: str = "cpu",
         dtype: torch.dtype | None = None,
-        max_cache_tokens: int = 65_536,
-        max_batch_size: int = 64,
+        max_kv_tokens: int = 65_536,
+        max_running_rows: int = 256,
+        max_step_tokens: int = 2048,
         eos_token_ids: Sequence[int] | None = None,
     ) -> None:
         """`eos_token_ids` overrides the generation config (`()`: never stop on EOS, for benchmarks)."""
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1 (got {max_batch_size})")
+        config = SchedulerConfig(max_running_rows=max_running_rows, max_step_tokens=max_step_tokens)
         self.model = _load_model(model_path, device, dtype)
         self.device = torch.device(device)
-        self.max_batch_size = max_batch_size
-        self.min_shared_prefix_tokens = 4  # shorter shared uncached prefixes are not worth a separate pass
-        config = self.model.config.get_text_config(decoder=True)
-        self.vocab_size = int(config.vocab_size)
-        self._max_context = int(getattr(config, "max_position_embeddings", 0) or 1_000_000)
+        text_config = self.model.config.get_text_config(decoder=True)
+        self.vocab_size = int(text_config.vocab_size)
+        self._max_context = int(getattr(text_config, "max_position_embeddings", 0) or 1_000_000)
         self._eos = tuple(eos_token_ids) if eos_token_ids is not None else _eos_token_ids(self.model)
-        pad = getattr(self.model.generation_config, "pad_token_id", None)
-        pad = pad if pad is not None else (*self._eos, 0)[0]  # any id: padded positions are masked
-        self.pool = KVPool(max_cache_tokens, device=self.device)
-        self.radix = RadixCache(on_evict=self.pool.free)
-        self.runner = ModelRunner(self.model, self.pool, pad_token_id=pad)
+        model_dtype = next(self.model.parameters()).dtype
+        self.blocks = BlockManager(max_kv_tokens, kv_shape(self.model, model_dtype), device=self.device)
+        self.runner = ModelRunner(self.model, self.blocks.pool)
+        self.scheduler = Scheduler(self.blocks, config)
         self.counters = EngineCounters()
         self._version = 0
-        self._lock = asyncio.Lock()
+        self._inbox: deque[tuple[str, Any]] = deque()  # commands to the worker, appended from any thread
+        self._wake = threading.Event()
+        self._update: tuple[str, int, Callable[[Any], None]] | None = None  # waits for running rows to end
+        self._worker = threading.Thread(target=self._loop, name="embedded-engine", daemon=True)
+        self._worker.start()
         logger.info("embedded engine: %s on %s, eos %s", model_path, self.device, self._eos)
 
     # Engine protocol
@@ -91,175 +94,209 @@ class EmbeddedEngine:
     def max_context(self) -> int:
         return self._max_context
 
-    async def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateOutput]:
-        requests = list(requests)
-        for request in requests:
-            self._validate(request)
-        async with self._lock:
-            try:
-                return await asyncio.to_thread(self.generate_sync, requests)
-            except (RuntimeError, torch.OutOfMemoryError) as error:  # the model failed, not the caller
-                logger.exception("embedded engine batch of %d requests failed", len(requests))
-                raise EngineError(f"embedded engine failed a batch: {error}") from error
+    async def generate(self, request: GenerateRequest) -> GenerateOutput:
+        """Decode one request; cancelling the awaiting task aborts it at the next step boundary."""
+        self._validate(request)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        row = self._row(request, lambda result: loop.call_soon_threadsafe(_settle, future, result))
+        self._inbox.append(("add", row))
+        loop.call_soon(self._wake.set)  # after the other tasks of this tick: their requests join together
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self._post("abort", row.seq_id)
+            raise
 
     async def update_weights(self, path: str, version: int) -> None:
-        async with self._lock:
-            await asyncio.to_thread(self.update_weights_sync, path, version)
+        """Load weights once the running rows finish (new rows wait), then flush the prefix cache."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._post(
+            "update", (path, version, lambda result: loop.call_soon_threadsafe(_settle, future, result))
+        )
+        await future
 
     async def health(self) -> bool:
-        return self.model is not None
+        return self._worker.is_alive()
 
     # Synchronous API (benchmarks, scripts)
 
     def generate_sync(self, requests: Sequence[GenerateRequest]) -> list[GenerateOutput]:
-        """Blocking `generate`; chunks of `max_batch_size` run one after another."""
-        outputs: list[GenerateOutput] = []
-        for start in range(0, len(requests), self.max_batch_size):
-            outputs.extend(self._run_chunk(list(requests[start : start + self.max_batch_size])))
-        self.counters.num_calls += 1
-        return outputs
-
-    def update_weights_sync(self, path: str | Path, version: int) -> None:
-        """Load safetensors weights of the same architecture, flush the prefix cache, set `policy_version`."""
-        load_weights(self.model, read_state_dict(path))
-        self.flush_cache()
-        self._version = version
-        logger.info("weights %s loaded as policy version %d", path, version)
+        """Blocking: run `requests` together (continuously batched) and return their outputs in order."""
+        futures = []
+        for request in requests:
+            self._validate(request)
+            future: concurrent.futures.Future = concurrent.futures.Future()
+            futures.append(future)
+            self._inbox.append(("add", self._row(request, lambda result, f=future: _settle(f, result))))
+        self._wake.set()
+        return [future.result() for future in futures]
 
     def flush_cache(self) -> None:
-        assert self.radix.protected_size == 0, "flush while a batch holds cache nodes"
-        self.radix.reset()
-        self.pool.clear()
+        """Drop the prefix cache; only while no request is in flight (benchmarks between runs)."""
+        assert self.scheduler.is_idle, "flush_cache while requests are in flight"
+        self.blocks.flush()
+
+    def close(self) -> None:
+        """Stop the worker thread (requests still waiting are failed)."""
+        self._post("stop", None)
+        self._worker.join()
 
     @property
     def num_computed_tokens(self) -> int:
         """Real tokens passed through the model (uncached prefill + decode)."""
         return self.runner.num_computed_tokens
 
-    # Internal helpers
+    @property
+    def num_forward_passes(self) -> int:
+        return self.runner.num_forward_passes
 
-    def _run_chunk(self, requests: list[GenerateRequest]) -> list[GenerateOutput]:
-        computed_for, shared_locks = self._prefill_shared_prefixes(requests)
-        matches = [self.radix.match_prefix(request.input_ids) for request in requests]
-        for match in matches:
-            self.radix.inc_lock_ref(match.last_node)
-        for node in shared_locks:
-            self.radix.dec_lock_ref(node)
+    def reset_peaks(self) -> None:
+        """Start a new peak-KV measurement (benchmarks, between runs)."""
+        self.blocks.peak_active_tokens = 0
+
+    @property
+    def peak_kv_bytes(self) -> int:
+        """Most KV bytes the running rows held at once (locked cached prefixes + their own tokens)."""
+        return self.blocks.peak_active_tokens * self.blocks.pool.shape.bytes_per_token
+
+    @property
+    def radix(self):
+        return self.blocks.radix
+
+    @property
+    def pool(self):
+        return self.blocks.pool
+
+    # Worker thread
+
+    def _loop(self) -> None:
+        while True:
+            if not self._inbox and (self.scheduler.is_idle or not self.scheduler.running):
+                self._wake.wait(timeout=None if self.scheduler.is_idle else 0.01)
+                self._wake.clear()
+            if not self._drain():
+                return
+            self._maybe_update_weights()
+            if self.scheduler.waiting or self.scheduler.running:
+                self._step()
+
+    def _drain(self) -> bool:
+        """Apply the commands posted since the last step; False when told to stop."""
+        while self._inbox:
+            kind, payload = self._inbox.popleft()
+            if kind == "add":
+                self.scheduler.add(payload)
+            elif kind == "abort":
+                if self.scheduler.abort(payload) is not None:
+                    logger.debug("request %d aborted by its caller", payload)
+            elif kind == "update":
+                self._update = payload
+                self.scheduler.is_admitting = False
+            else:
+                for row in self.scheduler.waiting:
+                    row.deliver(EngineError("the embedded engine was closed"))
+                return False
+        return True
+
+    def _step(self) -> None:
+        rows = self.scheduler.schedule()
+        if not rows:
+            return
         try:
-            rows = [
-                RowInput(
-                    input_ids=list(request.input_ids),
-                    cached_slots=match.indices[: min(match.length, len(request.input_ids) - 1)],
-                    max_new_tokens=request.max_new_tokens,
-                    stop_token_ids=frozenset(self._eos) | frozenset(request.stop_token_ids),
-                )
-                for request, match in zip(requests, matches, strict=True)
-            ]
-            results = self.runner.run(rows, self._sampling(requests), lambda _, ids, kv: self._store(ids, kv))
-        finally:
-            for match in matches:
-                self.radix.dec_lock_ref(match.last_node)
-        outputs = []
-        for i, (row, result) in enumerate(zip(rows, results, strict=True)):
-            # tokens computed for the call's shared prefixes are accounted to one request of each group
-            cached = max(0, int(row.cached_slots.numel()) - computed_for.get(i, 0))
-            outputs.append(
-                GenerateOutput(
-                    output_ids=result.output_ids,
-                    logprobs=result.logprobs,
-                    finish_reason=result.finish_reason,
-                    cached_tokens=cached,
-                    prefill_tokens=len(row.input_ids) - cached,
-                    policy_version=self._version,
+            samples = self._forward(rows)
+        except Exception as error:  # the model failed, not the callers: fail the running rows only
+            logger.exception("embedded engine step over %d rows failed", len(rows))
+            for row in list(self.scheduler.running):
+                self.scheduler.abort(row.seq_id)
+                row.deliver(EngineError(f"embedded engine failed a step: {error}"))
+            return
+        for row in self.scheduler.postprocess(rows, samples):
+            row.deliver(self._output(row))
+
+    def _forward(self, rows: list[Row]) -> dict[int, tuple[int, float]]:
+        """One model step over `rows`; returns seq_id -> (token, logprob) for the rows that sampled."""
+        self.blocks.allocate_step(rows)
+        steps = []
+        for row in rows:
+            end = row.num_computed + row.num_scheduled
+            table = self.blocks.tables[row.seq_id][:end]
+            steps.append(
+                RowStep(
+                    row.token_ids[row.num_computed : end], row.num_computed, table, end == len(row.token_ids)
                 )
             )
-            self._count(outputs[-1])
-        return outputs
-
-    def _prefill_shared_prefixes(
-        self, requests: list[GenerateRequest]
-    ) -> tuple[dict[int, int], list[TreeNode]]:
-        """Compute once the uncached prefixes requests share; returns (tokens per owner, locked nodes)."""
-        inputs = [list(request.input_ids) for request in requests]
-        cached = [min(self.radix.match_prefix(ids).length, len(ids) - 1) for ids in inputs]
-        computed: dict[int, int] = {}
-        locked: list[TreeNode] = []
-        try:
-            for level in shared_prefixes(inputs, cached, min_tokens=self.min_shared_prefix_tokens):
-                self._prefill_level(level, computed, locked)
-        except BaseException:
-            for node in locked:
-                self.radix.dec_lock_ref(node)
-            raise
-        return computed, locked
-
-    def _prefill_level(
-        self, level: list[SharedPrefix], computed: dict[int, int], locked: list[TreeNode]
-    ) -> None:
-        """One prefill pass over shared prefixes that do not nest; their nodes stay locked (in `locked`)."""
-        matches = [self.radix.match_prefix(group.token_ids) for group in level]
-        rows = [
-            RowInput(group.token_ids, match.indices[: len(group.token_ids) - 1], 1, frozenset())
-            for group, match in zip(level, matches, strict=True)
-        ]
-        for match in matches:
-            self.radix.inc_lock_ref(match.last_node)
-        try:
-            self.runner.prefill(rows, lambda _, ids, kv: self._store(ids, kv))
-        finally:
-            for match in matches:
-                self.radix.dec_lock_ref(match.last_node)
-        for group, row in zip(level, rows, strict=True):
-            new_tokens = len(row.input_ids) - int(row.cached_slots.numel())
-            computed[group.owner] = computed.get(group.owner, 0) + new_tokens
-            node = self.radix.match_prefix(group.token_ids).last_node
-            self.radix.inc_lock_ref(node)  # kept until the batch has locked its own matches
-            locked.append(node)
-
-    def _store(self, token_ids: list[int], kv: RowKV) -> None:
-        """Insert a finished row's sequence into the radix tree, writing only KV the tree lacks."""
-        match = self.radix.match_prefix(token_ids)
-        if match.length == len(token_ids):
-            return
-        self.radix.inc_lock_ref(match.last_node)  # keep the matched part while evicting for the rest
-        try:
-            slots = self._alloc(len(token_ids) - match.length)
-            if slots is None:
-                return
-            end = match.length + int(slots.numel())
-            keys, values = kv.gather(match.length, end)
-            self.pool.write(slots, keys, values)
-            present = self.radix.insert(token_ids[:end], torch.cat([match.indices, slots]))
-            assert present == match.length, f"{present=} {match.length=}"
-        finally:
-            self.radix.dec_lock_ref(match.last_node)
-
-    def _alloc(self, wanted: int) -> torch.Tensor | None:
-        """Up to `wanted` pool slots, evicting LRU nodes as needed; None when nothing can be freed."""
-        if self.pool.num_free < wanted:
-            self.radix.evict(wanted - self.pool.num_free)
-        n = min(wanted, self.pool.num_free)
-        return self.pool.alloc(n) if n else None
-
-    def _sampling(self, requests: list[GenerateRequest]) -> SamplingBatch:
-        return SamplingBatch.build(
-            [r.temperature for r in requests],
-            [r.top_p for r in requests],
-            [r.top_k for r in requests],
-            [r.seed if r.seed is not None else secrets.randbits(63) for r in requests],
-            max_steps=max(r.max_new_tokens for r in requests),
+        logits = self.runner.step(steps)  # (R, V)
+        sampling = [row for row, step in zip(rows, steps, strict=True) if step.wants_logits]
+        if not sampling:
+            return {}
+        uniforms = [[row.uniforms[len(row.output_ids)] if row.uniforms else 0.0] for row in sampling]
+        batch = SamplingBatch.from_rows(
+            [row.temperature for row in sampling],
+            [row.top_p for row in sampling],
+            [row.top_k for row in sampling],
+            torch.tensor(uniforms),
             vocab_size=self.vocab_size,
             device=self.device,
         )
+        tokens, logprobs = sample_next(logits, batch)
+        pairs = zip(tokens.tolist(), logprobs.tolist(), strict=True)
+        return {row.seq_id: pair for row, pair in zip(sampling, pairs, strict=True)}
 
-    def _count(self, output: GenerateOutput) -> None:
+    def _maybe_update_weights(self) -> None:
+        if self._update is None or self.scheduler.running:
+            return
+        path, version, deliver = self._update
+        self._update = None
+        self.scheduler.is_admitting = True
+        try:
+            load_weights(self.model, read_state_dict(path))
+        except Exception as error:  # bad file: the caller's ValueError, the engine keeps serving
+            deliver(error)
+            return
+        self.blocks.flush()
+        self._version = version
+        logger.info("weights %s loaded as policy version %d", path, version)
+        deliver(None)
+
+    # Internal helpers
+
+    def _post(self, kind: str, payload: Any) -> None:
+        self._inbox.append((kind, payload))
+        self._wake.set()
+
+    def _row(self, request: GenerateRequest, deliver: Callable[[Any], None]) -> Row:
+        seed = request.seed if request.seed is not None else secrets.randbits(63)
+        uniforms = draw_uniforms(seed, request.max_new_tokens) if request.temperature > 0 else []
+        return Row(
+            token_ids=list(request.input_ids),
+            max_new_tokens=request.max_new_tokens,
+            stop_token_ids=frozenset(self._eos) | frozenset(request.stop_token_ids),
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            uniforms=uniforms,
+            deliver=deliver,
+        )
+
+    def _output(self, row: Row) -> GenerateOutput:
+        output = GenerateOutput(
+            output_ids=row.output_ids,
+            logprobs=row.logprobs,
+            finish_reason=row.finish_reason or "length",
+            cached_tokens=row.num_cached_tokens,
+            prefill_tokens=row.num_input_tokens - row.num_cached_tokens,
+            policy_version=self._version,
+        )
         self.counters.num_requests += 1
         self.counters.cached_tokens += output.cached_tokens
         self.counters.prefill_tokens += output.prefill_tokens
         self.counters.decoded_tokens += len(output.output_ids)
+        return output
 
     def _validate(self, request: GenerateRequest) -> None:
-        """Reject what the model cannot run, saying how to fix it."""
+        """Reject what the model cannot run before it is admitted, saying how to fix it."""
         bad = [t for t in request.input_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise EngineRequestError(f"input_ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
@@ -270,12 +307,27 @@ class EmbeddedEngine:
                 f"{total} exceeds the model context of {self._max_context}; "
                 "shorten the prompt or lower max_new_tokens"
             )
+        if total - 1 > self.blocks.pool.capacity:
+            raise EngineRequestError(
+                f"input + max_new_tokens = {total} exceeds the KV token budget of {self.blocks.pool.capacity}; "
+                "raise max_kv_tokens (TREEPO_MAX_KV_TOKENS) or lower max_new_tokens"
+            )
         if not (math.isfinite(request.temperature) and request.temperature >= 0):
             raise EngineRequestError(f"temperature must be a finite number >= 0 (got {request.temperature})")
         if not 0 < request.top_p <= 1:
             raise EngineRequestError(f"top_p must be in (0, 1] (got {request.top_p})")
         if request.top_k != -1 and request.top_k < 1:
             raise EngineRequestError(f"top_k must be -1 (off) or >= 1 (got {request.top_k})")
+
+
+def _settle(future: asyncio.Future | concurrent.futures.Future, result: Any) -> None:
+    """Resolve a caller's future with a result or an exception (no-op if the caller gave up)."""
+    if future.done():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
 
 
 def _load_model(model_path: str | Path, device: str, dtype: torch.dtype | None) -> torch.nn.Module:

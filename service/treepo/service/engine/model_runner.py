@@ -1,213 +1,179 @@
-"""Runs one batch through a Hugging Face causal LM: gather cached prefixes, prefill suffixes, decode together.
+"""One forward step of a Llama-style decoder (Qwen2, Qwen3, Llama) over the KV pool, on the HF module weights.
 
-Layout of row i in the batch KV cache (P = longest cached prefix, U = longest uncached suffix):
-
-    [pad * (P - c_i) | cached prefix c_i | pad * (U - u_i) | suffix u_i | decoded tokens ...]
-
-The cached prefix KV is gathered from the pool once per call (one index per layer for the whole batch);
-padding is hidden by the 2D attention mask and every real token gets its true position id, so each row
-computes exactly what it would alone. Rows leave the batch as soon as they stop: their KV is handed to
-`on_finish` (to go into the radix cache) and the batch cache shrinks to the rows still decoding.
+A step feeds the rows' new tokens flattened, (T,), through the projections, RoPE, RMSNorm and MLP of the
+loaded `transformers` model. Per layer the new keys/values of all rows are written into their pool slots
+in one indexed store, then each row attends over its slot table: keys and values are index-selected from
+the pool per layer (no per-call copy of prefixes is kept), padded to the longest row, and fed to
+`scaled_dot_product_attention` with a mask that allows key j for a query at position p iff j <= p.
+Decoding rows (one query each) and prefilling rows (a chunk each) are two attention groups of one step.
+Why this and not transformers' forward: it takes slot tables directly, so nothing but the pool holds KV;
+the README's engine section measures it against `generate`.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+import torch.nn.functional as F
 
-from treepo.service.engine.batch_cache import batch_cache
-from treepo.service.engine.kv_pool import PAD_SLOT, KVPool
-from treepo.service.engine.token_sampling import SamplingBatch, sample_next
+from treepo.service.engine.kv_pool import PAD_SLOT, KVPool, KVShape
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
-class RowInput:
-    input_ids: list[int]
-    cached_slots: torch.Tensor  # (c,) KV slots of input_ids[:c], c < len(input_ids)
-    max_new_tokens: int
-    stop_token_ids: frozenset[int]
+class RowStep:
+    """What one row feeds in a step: its new tokens, where they start, and its slot table so far."""
 
-    def __post_init__(self) -> None:
-        assert self.cached_slots.numel() < len(self.input_ids), f"{self.cached_slots.numel()=}"
-
-
-@dataclass(slots=True)
-class RowResult:
-    output_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    finish_reason: Literal["stop", "length"] = "length"
+    token_ids: list[int]
+    start: int  # position of token_ids[0]
+    slots: torch.Tensor  # (start + len(token_ids),) int64: the row's slot table up to its last new token
+    wants_logits: bool  # the last new token ends the row's known tokens: sample from it
 
 
 @dataclass(slots=True)
-class RowKV:
-    """The KV of one finished row, read lazily from the batch cache (only the part the caller wants)."""
+class _Group:
+    """Rows attended together: query index into the flat tokens, key slots and mask, padded."""
 
-    cache: DynamicCache
-    row: int
-    columns: torch.Tensor  # (n,) cache columns of the row's real tokens, in order
-
-    def gather(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """KV of tokens [start, end) as (num_layers, n, num_kv_heads, head_dim)."""
-        cols = self.columns[start:end]
-        keys = torch.stack([layer.keys[self.row, :, cols] for layer in self.cache.layers])  # (L, H, n, D)
-        values = torch.stack([layer.values[self.row, :, cols] for layer in self.cache.layers])
-        return keys.transpose(1, 2), values.transpose(1, 2)
+    query_index: torch.Tensor  # (B, Q) index into the step's flat tokens (0 where padded)
+    query_valid: torch.Tensor  # (B, Q) bool
+    key_slots: torch.Tensor  # (B, K) pool slots (PAD_SLOT where padded)
+    mask: torch.Tensor  # (B, 1, Q, K) bool: True = attend
+    is_whole_step: bool = False  # one query per row covering the step's tokens in order (pure decode)
 
 
-FinishCallback = Callable[[int, list[int], RowKV], None]
-"""(row index in the call, token ids whose KV is in RowKV, RowKV) -> None."""
-
-
-@dataclass(slots=True)
-class _Batch:
-    """The rows still decoding and their shared state."""
-
-    rows: list[int]  # row index in the call, per batch position
-    cache: DynamicCache
-    mask: torch.Tensor  # (B, T) bool: real tokens in the cache (+ the current input)
-    positions: torch.Tensor  # (B,) position id of the next input token
-    sampling: SamplingBatch
-
-    def select(self, keep: list[int]) -> None:
-        index = torch.tensor(keep, dtype=torch.int64, device=self.mask.device)
-        self.rows = [self.rows[i] for i in keep]
-        self.cache.batch_select_indices(index)
-        self.mask = self.mask[index]
-        self.positions = self.positions[index]
-        self.sampling = self.sampling.select(index.cpu())
+def kv_shape(model: torch.nn.Module, dtype: torch.dtype) -> KVShape:
+    config = model.config.get_text_config(decoder=True)
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    return KVShape(int(config.num_hidden_layers), kv_heads, head_dim, dtype)
 
 
 class ModelRunner:
-    """Prefill + batched decode of one call on a loaded model; counts the real tokens it computes."""
+    """Runs steps of a loaded causal LM against a `KVPool`; counts the real tokens it computes."""
 
-    def __init__(self, model: torch.nn.Module, pool: KVPool, *, pad_token_id: int) -> None:
+    def __init__(self, model: torch.nn.Module, pool: KVPool) -> None:
+        _check_architecture(model)
         self.model = model
         self.pool = pool
-        self.pad_token_id = pad_token_id
         self.device = next(model.parameters()).device
-        params = inspect.signature(model.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
-        self.num_layers = int(model.config.get_text_config(decoder=True).num_hidden_layers)
-        self.num_computed_tokens = 0  # real (non-pad) tokens passed through the model, prefill + decode
-
-    # Public API
+        self.decoder = model.model
+        self.num_heads = int(model.config.get_text_config(decoder=True).num_attention_heads)
+        self.num_computed_tokens = 0  # real tokens passed through the model, prefill + decode
+        self.num_forward_passes = 0
 
     @torch.inference_mode()
-    def run(
-        self, rows: list[RowInput], sampling: SamplingBatch, on_finish: FinishCallback
-    ) -> list[RowResult]:
-        """Decode every row to a stop token or its max_new_tokens; KV of each row goes to `on_finish`."""
-        results = [RowResult() for _ in rows]
-        cache, mask, logits = self._prefill(rows, max(row.max_new_tokens for row in rows))
-        positions = torch.tensor([len(row.input_ids) for row in rows], dtype=torch.int64, device=self.device)
-        batch = _Batch(list(range(len(rows))), cache, mask, positions, sampling)
-        while True:
-            tokens, logprobs = sample_next(logits, batch.sampling)
-            keep = self._record(rows, batch, results, tokens.tolist(), logprobs.tolist(), on_finish)
-            if not keep:
-                return results
-            if len(keep) < len(batch.rows):
-                batch.select(keep)
-                tokens = tokens[torch.tensor(keep, device=tokens.device)]
-            logits = self._decode_step(batch, tokens)
-
-    @torch.inference_mode()
-    def prefill(self, rows: list[RowInput], on_finish: FinishCallback) -> None:
-        """Compute the KV of every row's whole input (no decoding) and hand it to `on_finish`."""
-        cache, mask, _ = self._prefill(rows, 0)
-        for i, row in enumerate(rows):
-            on_finish(i, row.input_ids, RowKV(cache, i, mask[i].nonzero().squeeze(1)))
+    def step(self, rows: list[RowStep]) -> torch.Tensor:
+        """Feed every row's new tokens; returns the logits (R, V) of the rows with `wants_logits`, in order."""
+        token_ids = torch.tensor([t for row in rows for t in row.token_ids], device=self.device)  # (T,)
+        positions = torch.cat([torch.arange(r.start, r.start + len(r.token_ids)) for r in rows]).to(
+            self.device
+        )
+        write_slots = torch.cat([row.slots[row.start :] for row in rows]).to(self.device)  # (T,)
+        groups = self._groups(rows)
+        hidden = self.decoder.embed_tokens(token_ids)  # (T, C)
+        cos, sin = self.decoder.rotary_emb(hidden[None], positions[None])  # (1, T, D) each
+        rope = (cos[0, :, None, :], sin[0, :, None, :])  # (T, 1, D): broadcast over heads
+        for index, layer in enumerate(self.decoder.layers):
+            attn_in = layer.input_layernorm(hidden)
+            hidden = hidden + self._attention(index, layer.self_attn, attn_in, rope, write_slots, groups)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        ends = torch.tensor(_ends(rows), device=self.device, dtype=torch.int64)
+        last = self.decoder.norm(hidden[ends])  # (R, C)
+        self.num_computed_tokens += int(token_ids.numel())
+        self.num_forward_passes += 1
+        return self.model.lm_head(last)
 
     # Internal helpers
 
-    def _prefill(
-        self, rows: list[RowInput], max_new_tokens: int
-    ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
-        """Gather cached prefixes, run the suffixes; returns (cache, mask (B, T), last logits (B, V))."""
-        cached = [int(row.cached_slots.numel()) for row in rows]
-        suffixes = [row.input_ids[c:] for row, c in zip(rows, cached, strict=True)]
-        batch_size, prefix_len, suffix_len = len(rows), max(cached), max(len(s) for s in suffixes)
-        input_ids = torch.full((batch_size, suffix_len), self.pad_token_id, dtype=torch.int64)
-        position_ids = torch.zeros((batch_size, suffix_len), dtype=torch.int64)
-        mask = torch.zeros((batch_size, prefix_len + suffix_len), dtype=torch.bool)
-        slot_grid = torch.full((batch_size, prefix_len), PAD_SLOT, dtype=torch.int64)
-        for i, (row, c, suffix) in enumerate(zip(rows, cached, suffixes, strict=True)):
-            u = len(suffix)
-            input_ids[i, suffix_len - u :] = torch.tensor(suffix)
-            position_ids[i, suffix_len - u :] = torch.arange(c, c + u)
-            mask[i, prefix_len - c : prefix_len] = True
-            mask[i, prefix_len + suffix_len - u :] = True
-            slot_grid[i, prefix_len - c :] = row.cached_slots
-        capacity = prefix_len + suffix_len + max_new_tokens
-        cache = batch_cache(self.num_layers, capacity, self._gather(slot_grid) if prefix_len else None)
-        mask = mask.to(self.device)
-        logits = self._forward(input_ids, mask, position_ids, cache, logits_to_keep=1)
-        self.num_computed_tokens += sum(len(s) for s in suffixes)
-        return cache, mask, logits
+    def _attention(self, layer_index, attn, x, rope, write_slots, groups) -> torch.Tensor:
+        num_tokens, head_dim = x.shape[0], attn.head_dim
+        q = attn.q_proj(x).view(num_tokens, -1, head_dim)  # (T, H, D)
+        k = attn.k_proj(x).view(num_tokens, -1, head_dim)  # (T, Hkv, D)
+        v = attn.v_proj(x).view(num_tokens, -1, head_dim)
+        if hasattr(attn, "q_norm"):  # Qwen3
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = _rotate(q, *rope), _rotate(k, *rope)
+        self.pool.write(layer_index, write_slots, k, v)  # in place: the rows read them back below
+        out = torch.empty_like(q)  # (T, H, D)
+        keys, values = self.pool.keys[layer_index], self.pool.values[layer_index]  # (S, Hkv, D)
+        for group in groups:
+            # (B, H, Q, D); a decode-only step needs no gather or scatter back
+            query = q[:, :, None, :] if group.is_whole_step else q[group.query_index].transpose(1, 2)
+            key = keys[group.key_slots].transpose(1, 2).to(q.dtype)  # (B, Hkv, K, D)
+            value = values[group.key_slots].transpose(1, 2).to(q.dtype)
+            attended = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=group.mask, scale=attn.scaling, enable_gqa=True
+            )  # (B, H, Q, D)
+            if group.is_whole_step:
+                return attn.o_proj(attended[:, :, 0].reshape(num_tokens, -1))  # (T, C)
+            out[group.query_index[group.query_valid]] = attended.transpose(1, 2)[group.query_valid]
+        return attn.o_proj(out.view(num_tokens, -1))  # (T, C)
 
-    def _gather(self, slot_grid: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        keys, values = self.pool.gather(slot_grid)  # (L, B, H, P, D) each
-        return list(zip(keys.unbind(0), values.unbind(0), strict=True))
+    def _groups(self, rows: list[RowStep]) -> list[_Group]:
+        """Decoding rows (1 query) in one group, prefilling rows (chunks) in another."""
+        offsets, offset = [], 0
+        for row in rows:
+            offsets.append(offset)
+            offset += len(row.token_ids)
+        single = [i for i, row in enumerate(rows) if len(row.token_ids) == 1]
+        chunks = [i for i, row in enumerate(rows) if len(row.token_ids) > 1]
+        parts = [part for part in (single, chunks) if part]
+        groups = [self._group([rows[i] for i in part], [offsets[i] for i in part]) for part in parts]
+        groups[0].is_whole_step = not chunks
+        return groups
 
-    def _decode_step(self, batch: _Batch, tokens: torch.Tensor) -> torch.Tensor:
-        ones = torch.ones((len(batch.rows), 1), dtype=torch.bool, device=self.device)
-        batch.mask = torch.cat([batch.mask, ones], dim=1)  # (B, T + 1)
-        logits = self._forward(tokens[:, None], batch.mask, batch.positions[:, None], batch.cache)
-        batch.positions += 1
-        self.num_computed_tokens += len(batch.rows)
-        return logits
-
-    def _forward(
-        self,
-        input_ids: torch.Tensor,
-        mask: torch.Tensor,
-        position_ids: torch.Tensor,
-        cache: DynamicCache,
-        logits_to_keep: int = 0,
-    ) -> torch.Tensor:
-        """Logits of the last input column, (B, V)."""
-        kwargs = {self._cache_kwarg: cache}
-        if logits_to_keep:
-            kwargs["logits_to_keep"] = logits_to_keep
-        out = self.model(
-            input_ids=input_ids.to(self.device),
-            attention_mask=mask,
-            position_ids=position_ids.to(self.device),
-            use_cache=True,
-            **kwargs,
+    def _group(self, rows: list[RowStep], offsets: list[int]) -> _Group:
+        num_queries = max(len(row.token_ids) for row in rows)
+        num_keys = max(int(row.slots.numel()) for row in rows)
+        key_slots = torch.full((len(rows), num_keys), PAD_SLOT, dtype=torch.int64)
+        query_pos = torch.full((len(rows), num_queries), -1, dtype=torch.int64)
+        query_index = torch.zeros((len(rows), num_queries), dtype=torch.int64)
+        for i, (row, offset) in enumerate(zip(rows, offsets, strict=True)):
+            n = len(row.token_ids)
+            key_slots[i, : row.slots.numel()] = row.slots
+            query_pos[i, :n] = torch.arange(row.start, row.start + n)
+            query_index[i, :n] = torch.arange(offset, offset + n)
+        mask = torch.arange(num_keys)[None, None, :] <= query_pos[:, :, None]  # (B, Q, K)
+        mask[:, :, 0] |= query_pos < 0  # padded queries see one (zero) key: no NaN
+        device = self.device
+        return _Group(
+            query_index.to(device),
+            (query_pos >= 0).to(device),
+            key_slots.to(device),
+            mask[:, None].to(device),
         )
-        return out.logits[:, -1]
 
-    def _record(
-        self,
-        rows: list[RowInput],
-        batch: _Batch,
-        results: list[RowResult],
-        tokens: list[int],
-        logprobs: list[float],
-        on_finish: FinishCallback,
-    ) -> list[int]:
-        """Append this step's token to each row; finished rows go to `on_finish`; returns positions kept."""
-        keep = []
-        for position, (row_id, token, logprob) in enumerate(zip(batch.rows, tokens, logprobs, strict=True)):
-            result, row = results[row_id], rows[row_id]
-            result.output_ids.append(token)
-            result.logprobs.append(logprob)
-            if token in row.stop_token_ids:
-                result.finish_reason = "stop"
-            elif len(result.output_ids) < row.max_new_tokens:
-                keep.append(position)
-                continue
-            sequence = row.input_ids + result.output_ids[:-1]  # the last token was sampled, never fed
-            columns = batch.mask[position].nonzero().squeeze(1)
-            assert columns.numel() == len(sequence), f"{columns.numel()=} {len(sequence)=}"
-            on_finish(row_id, sequence, RowKV(batch.cache, position, columns))
-        return keep
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on (T, H, D) with cos/sin (T, 1, D), as transformers' `apply_rotary_pos_emb`."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _ends(rows: list[RowStep]) -> list[int]:
+    """Flat index of the last new token of each row that wants logits."""
+    ends, offset = [], 0
+    for row in rows:
+        offset += len(row.token_ids)
+        if row.wants_logits:
+            ends.append(offset - 1)
+    return ends
+
+
+def _check_architecture(model: torch.nn.Module) -> None:
+    """The step above needs a Llama-style decoder with full attention; say so for anything else."""
+    config = model.config.get_text_config(decoder=True)
+    decoder = getattr(model, "model", None)
+    layers = getattr(decoder, "layers", None)
+    needed = ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim")
+    if layers is None or not all(hasattr(layers[0].self_attn, name) for name in needed):
+        raise ValueError(
+            f"the embedded engine runs Llama-style decoders (qwen2, qwen3, llama); got {config.model_type}"
+        )
+    if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
+        raise ValueError("the embedded engine does not implement sliding-window attention; disable it")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -37,7 +38,12 @@ class GenerateOutput:
 
 @runtime_checkable
 class Engine(Protocol):
-    """An inference engine with prefix caching. One async call per batch of requests."""
+    """An inference engine with prefix caching that schedules its own batches.
+
+    One `generate` call is one request; callers keep many in flight (`generate_all`) and the engine batches
+    them continuously (the embedded engine's scheduler, SGLang's). Cancelling a call aborts its request, and
+    an error fails that request only.
+    """
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]: ...
@@ -48,11 +54,21 @@ class Engine(Protocol):
     @property
     def max_context(self) -> int: ...
 
-    async def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateOutput]: ...
+    async def generate(self, request: GenerateRequest) -> GenerateOutput: ...
 
     async def update_weights(self, path: str, version: int) -> None: ...
 
     async def health(self) -> bool: ...
+
+
+async def generate_all(engine: Engine, requests: Iterable[GenerateRequest]) -> list[GenerateOutput]:
+    """All `requests` in flight at once; outputs in request order (the first error cancels the rest)."""
+    tasks = [asyncio.ensure_future(engine.generate(request)) for request in requests]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 class EngineError(RuntimeError):
@@ -74,7 +90,7 @@ class EngineRequestError(EngineError, ValueError):
 
 
 class EngineWrapper:
-    """Forwards the `Engine` protocol to `inner`; a wrapper (batching, metering) overrides what it adds."""
+    """Forwards the `Engine` protocol to `inner`; a wrapper (e.g. metering) overrides what it adds."""
 
     def __init__(self, inner: Engine) -> None:
         self.inner = inner
@@ -91,8 +107,8 @@ class EngineWrapper:
     def max_context(self) -> int:
         return self.inner.max_context
 
-    async def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateOutput]:
-        return await self.inner.generate(requests)
+    async def generate(self, request: GenerateRequest) -> GenerateOutput:
+        return await self.inner.generate(request)
 
     async def update_weights(self, path: str, version: int) -> None:
         await self.inner.update_weights(path, version)

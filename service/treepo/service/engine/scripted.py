@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable
 
 from treepo.service.engine.protocol import GenerateOutput, GenerateRequest
 
@@ -25,7 +26,9 @@ class ScriptedEngine:
     """An `Engine` whose output is script(input_ids) cut at max_new_tokens or the first stop id.
 
     The rng of each request is seeded from (request seed, input_ids), so equal inputs give equal outputs.
-    `cached_tokens` is the longest prefix of the input seen before as a full (input + output) sequence.
+    `cached_tokens` is the longest prefix of the input seen before as a full (input + output) sequence (the
+    last `max_cached_prefixes` prefixes are remembered, LRU). `latency_s` delays each request; `jitter_s`
+    adds a random delay on top (from `jitter_seed`) so that requests return in a shuffled order.
     """
 
     def __init__(
@@ -35,14 +38,20 @@ class ScriptedEngine:
         eos_token_id: int = 0,
         max_context: int = 100_000,
         latency_s: float = 0.0,
+        jitter_s: float = 0.0,
+        jitter_seed: int = 0,
+        max_cached_prefixes: int = 100_000,
     ) -> None:
         self.script = script or random_tokens(eos_token_id=eos_token_id)
         self._eos = (eos_token_id,)
         self._max_context = max_context
         self._version = 0
-        self.latency_s = latency_s
-        self.calls: list[list[GenerateRequest]] = []
-        self._seen: set[tuple[int, ...]] = set()
+        self.latency_s, self.jitter_s = latency_s, jitter_s
+        self._jitter = random.Random(jitter_seed)
+        self.requests: list[GenerateRequest] = []
+        self.in_flight = self.peak_in_flight = 0  # requests being answered at once
+        self.max_cached_prefixes = max_cached_prefixes
+        self._seen: OrderedDict[tuple[int, ...], None] = OrderedDict()
         self.weights_path: str | None = None
 
     @property
@@ -57,15 +66,17 @@ class ScriptedEngine:
     def max_context(self) -> int:
         return self._max_context
 
-    @property
-    def batch_sizes(self) -> list[int]:
-        return [len(call) for call in self.calls]
-
-    async def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateOutput]:
-        self.calls.append(list(requests))
-        if self.latency_s:
-            await asyncio.sleep(self.latency_s)
-        return [self._one(request) for request in requests]
+    async def generate(self, request: GenerateRequest) -> GenerateOutput:
+        self.requests.append(request)
+        delay = self.latency_s + (self._jitter.uniform(0, self.jitter_s) if self.jitter_s else 0.0)
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            if delay:
+                await asyncio.sleep(delay)
+            return self._one(request)
+        finally:
+            self.in_flight -= 1
 
     def _one(self, request: GenerateRequest) -> GenerateOutput:
         rng = random.Random(hash((request.seed, tuple(request.input_ids))))
@@ -97,7 +108,11 @@ class ScriptedEngine:
 
     def _remember(self, sequence: list[int]) -> None:
         for n in range(1, len(sequence) + 1):
-            self._seen.add(tuple(sequence[:n]))
+            key = tuple(sequence[:n])
+            self._seen[key] = None
+            self._seen.move_to_end(key)
+        while len(self._seen) > self.max_cached_prefixes:
+            self._seen.popitem(last=False)
 
     async def update_weights(self, path: str, version: int) -> None:
         self.weights_path = path

@@ -1,8 +1,9 @@
 """SGLang backend: the `Engine` protocol as an async HTTP client of SGLang's native API.
 
 Talks to one or more `python -m sglang.launch_server --skip-tokenizer-init` workers (or an sglang-router):
-`POST /generate` in batch form with token ids, `POST /update_weights_from_disk` on every worker (the router
-has no weight API), `GET /health`. Wire facts: shared/SGLANG.md §1-§5.
+one `POST /generate` with token ids per request, many in flight (SGLang batches them continuously),
+`POST /update_weights_from_disk` on every worker (the router has no weight API), `GET /health`. Wire facts:
+shared/SGLANG.md §1-§5.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +43,12 @@ Routing = Literal["prefix", "round_robin"]
 _KNOWN_CACHED_LIMIT = 65_536  # sequences remembered per worker as "in its radix cache" (a hint only)
 
 
+@dataclass(slots=True)
+class _Warmup:
+    done: asyncio.Future[None]
+    followers: int = 0
+
+
 class WeightUpdateError(EngineError):
     """At least one worker refused or failed the weight update (its message says why)."""
 
@@ -57,8 +65,8 @@ class SGLangEngine:
         max_context: the served context length; None reads max_position_embeddings from `model_path`.
         timeout_s: per HTTP call (a /generate call lasts as long as its longest segment).
         api_key / admin_api_key: SGLang's --api-key / --admin-api-key (Bearer tokens).
-        prefill_first: send each prefix that several requests of a call share once, with
-            max_new_tokens=0, before the fan-out: SGLang inserts KV into its radix tree only when a
+        prefill_first: send an input that several requests share (sent in the same event-loop tick) once,
+            with max_new_tokens=0, before the fan-out: SGLang inserts KV into its radix tree only when a
             request finishes, so copies sent in the same instant would all prefill it.
         routing: "prefix" keeps requests whose first `affinity_tokens` tokens agree on one worker (a tree
             stays on the worker that holds its KV); "round_robin" spreads requests evenly.
@@ -117,6 +125,7 @@ class SGLangEngine:
         self._next_worker = 0
         self._known_cached: list[OrderedDict[int, None]] = [OrderedDict() for _ in self.base_urls]
         self.num_warmup_requests = 0  # prefill-only requests sent (for tests and benchmarks)
+        self._warming: dict[tuple[int, tuple[int, ...]], _Warmup] = {}
 
     # Public API
 
@@ -132,21 +141,12 @@ class SGLangEngine:
     def max_context(self) -> int:
         return self._max_context
 
-    async def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateOutput]:
-        """One batch: each worker gets one /generate call with its share of the requests."""
-        for request in requests:
-            self._check_fits(request)
-        by_worker: dict[int, list[int]] = {}
-        for index, request in enumerate(requests):
-            by_worker.setdefault(self._route(request), []).append(index)
-        parts = await asyncio.gather(
-            *(self._generate_on(worker, [requests[i] for i in idx]) for worker, idx in by_worker.items())
-        )
-        outputs: list[GenerateOutput | None] = [None] * len(requests)
-        for idx, part in zip(by_worker.values(), parts, strict=True):
-            for index, output in zip(idx, part, strict=True):
-                outputs[index] = output
-        return [output for output in outputs if output is not None]
+    async def generate(self, request: GenerateRequest) -> GenerateOutput:
+        """One request on the worker its prefix routes to; copies sent together share one warm-up."""
+        self._check_fits(request)
+        worker = self._route(request)
+        warmup = await self._warm(worker, request) if self.prefill_first else None
+        return await self._generate_on(worker, request, warmup)
 
     async def update_weights(self, path: str, version: int) -> None:
         """Load `path` on every worker (which must see it at the same path); flushes their caches.
@@ -206,39 +206,45 @@ class SGLangEngine:
             return self._next_worker
         return hash(tuple(request.input_ids[: self.affinity_tokens])) % len(self.base_urls)
 
-    async def _generate_on(self, worker: int, requests: list[GenerateRequest]) -> list[GenerateOutput]:
-        warmups = await self._prefill_shared(worker, requests) if self.prefill_first else {}
-        budget = [min(r.max_new_tokens, self._max_context - len(r.input_ids)) for r in requests]
-        pending = [PendingRequest(r, n) for r, n in zip(requests, budget, strict=True)]
+    async def _generate_on(
+        self, worker: int, request: GenerateRequest, warmup: Piece | None
+    ) -> GenerateOutput:
+        pending = PendingRequest(
+            request, min(request.max_new_tokens, self._max_context - len(request.input_ids))
+        )
         for _ in range(self.max_abort_retries + 1):
-            todo = [p for p in pending if p.finish is None]
-            if not todo:
-                break
-            if any(p.num_aborts for p in todo):
-                logger.warning("resubmitting %d aborted SGLang requests with their tokens so far", len(todo))
-            items = await self._post_generate(worker, [p.next_item() for p in todo])
-            for entry, item in zip(todo, items, strict=True):
-                entry.absorb(parse_item(item))
-        if any(p.finish is None for p in pending):
-            raise EngineError(
-                f"SGLang worker {self.base_urls[worker]} aborted a request "
-                f"{self.max_abort_retries + 1} times in a row; raise max_abort_retries or see the worker log"
-            )
-        return [self._finish(worker, p, warmups.pop(tuple(p.request.input_ids), None)) for p in pending]
+            if pending.num_aborts:
+                logger.warning("resubmitting an aborted SGLang request with its tokens so far")
+            [item] = await self._post_generate(worker, [pending.next_item()])
+            pending.absorb(parse_item(item))
+            if pending.finish is not None:
+                return self._finish(worker, pending, warmup)
+        raise EngineError(
+            f"SGLang worker {self.base_urls[worker]} aborted a request "
+            f"{self.max_abort_retries + 1} times in a row; raise max_abort_retries or see the worker log"
+        )
 
-    async def _prefill_shared(self, worker: int, requests: list[GenerateRequest]) -> dict[tuple, Piece]:
-        """Warm each input that several requests share and the worker is not known to hold yet."""
-        counts: dict[tuple[int, ...], int] = {}
-        for request in requests:
-            key = tuple(request.input_ids)
-            counts[key] = counts.get(key, 0) + 1
-        known = self._known_cached[worker]
-        shared = [key for key, n in counts.items() if n > 1 and hash(key) not in known]
-        if not shared:
-            return {}
-        self.num_warmup_requests += len(shared)
-        items = await self._post_generate(worker, [warmup_item(list(key), self._eos) for key in shared])
-        return {key: parse_item(item) for key, item in zip(shared, items, strict=True)}
+    async def _warm(self, worker: int, request: GenerateRequest) -> Piece | None:
+        """Prefill an input once when copies of it arrive together; the leader's answer books the cost."""
+        key = (worker, tuple(request.input_ids))
+        if hash(key[1]) in self._known_cached[worker]:
+            return None
+        entry = self._warming.get(key)
+        if entry is not None:  # a copy leads the warm-up: wait for it, then decode from the cached prefix
+            entry.followers += 1
+            await asyncio.shield(entry.done)
+            return None
+        entry = self._warming[key] = _Warmup(asyncio.get_running_loop().create_future())
+        try:
+            await asyncio.sleep(0)  # copies submitted in the same tick join here
+            if not entry.followers:
+                return None
+            self.num_warmup_requests += 1
+            [item] = await self._post_generate(worker, [warmup_item(list(key[1]), self._eos)])
+            return parse_item(item)
+        finally:
+            del self._warming[key]
+            entry.done.set_result(None)
 
     def _finish(self, worker: int, pending: PendingRequest, warmup: Piece | None) -> GenerateOutput:
         extra: dict[str, Any] = {"worker": self.base_urls[worker]}

@@ -108,7 +108,7 @@ class _Bench:
         prompt_ids = [tokenizer.encode(p.prompt) for p in generate_problems("test", num_prompts, seed=0)]
         rows = num_prompts * width
         tokens = rows * (max(map(len, prompt_ids)) + longest)
-        engine = EmbeddedEngine(model_path, device=device, max_cache_tokens=tokens, max_batch_size=rows)
+        engine = EmbeddedEngine(model_path, device=device, max_kv_tokens=tokens, max_running_rows=rows)
         config = engine.model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_bytes = (

@@ -8,8 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from treepo.client.schema import SamplingParams, Tree, TreeParams
-from treepo.service.engine.batcher import BatchingEngine, BatchRecord
-from treepo.service.engine.protocol import Engine
+from treepo.service.engine.protocol import Engine, EngineWrapper, GenerateOutput, GenerateRequest
 from treepo.service.sampler.tree import TreeSampler
 
 
@@ -22,7 +21,8 @@ class RunStats:
     independent_tokens: int
     prefill_tokens: int
     cached_tokens: int
-    engine_calls: int
+    engine_calls: int  # requests sent
+    forward_passes: int  # engine model steps (embedded engine; 0 for others)
     wall_s: float
     cpu_s: float  # process CPU time (all threads): steadier than wall time on a shared machine
     peak_concurrent_sequences: int
@@ -50,35 +50,20 @@ class RunStats:
         }
 
 
-def trie_tokens(sequences: Sequence[Sequence[int]]) -> int:
-    """Distinct prefixes of `sequences` = the KV tokens a prefix-sharing cache holds for them."""
-    ordered = sorted(tuple(s) for s in sequences)
-    total, previous = 0, ()
-    for seq in ordered:
-        common = 0
-        for a, b in zip(previous, seq, strict=False):
-            if a != b:
-                break
-            common += 1
-        total += len(seq) - common
-        previous = seq
-    return total
+class InFlightTracker(EngineWrapper):
+    """Counts the engine requests in flight at once (the concurrency the engine was offered)."""
 
+    def __init__(self, inner: Engine) -> None:
+        super().__init__(inner)
+        self.in_flight = self.peak_in_flight = 0
 
-class PeakTracker:
-    """Listens to engine batches: the largest batch, and the largest KV footprint of one batch."""
-
-    def __init__(self) -> None:
-        self.peak_sequences = 0
-        self.peak_kv_tokens = 0
-
-    def __call__(self, record: BatchRecord) -> None:
-        self.peak_sequences = max(self.peak_sequences, record.size)
-        sequences = [
-            list(r.input_ids) + list(o.output_ids)
-            for r, o in zip(record.requests, record.outputs, strict=True)
-        ]
-        self.peak_kv_tokens = max(self.peak_kv_tokens, trie_tokens(sequences))
+    async def generate(self, request: GenerateRequest) -> GenerateOutput:
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            return await self.inner.generate(request)
+        finally:
+            self.in_flight -= 1
 
 
 async def run_mode(
@@ -92,32 +77,40 @@ async def run_mode(
     seed: int,
     kv_bytes_per_token: int,
 ) -> RunStats:
-    """All prompts concurrently through one BatchingEngine, from a cold prefix cache."""
+    """All prompts concurrently, every segment its own request, from a cold prefix cache.
+
+    Peak KV is what the engine measured (embedded engine: slots its running rows held or locked at once);
+    0 for engines that do not report it.
+    """
     flush = getattr(engine, "flush_cache", None)
     if flush is not None:
         flush()
-    batching = BatchingEngine(engine)
-    peaks = PeakTracker()
-    batching.add_listener(peaks)
-    sampler = TreeSampler(batching, decode)
+    reset = getattr(engine, "reset_peaks", None)
+    if reset is not None:
+        reset()
+    passes_before = int(getattr(engine, "num_forward_passes", 0))
+    tracked = InFlightTracker(engine)
+    sampler = TreeSampler(tracked, decode)
     method = sampler.sample_sequential if sequential else sampler.sample
     started, cpu_started = time.perf_counter(), time.process_time()
     trees: list[Tree] = await asyncio.gather(
         *(method(ids, tree, sampling, seed=seed + i) for i, ids in enumerate(prompts))
     )
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    peak_kv_bytes = int(getattr(engine, "peak_kv_bytes", 0))
     return RunStats(
         trajectories=sum(len(t.leaves) for t in trees),
         decoded_tokens=sum(t.stats.decoded_tokens for t in trees),
         independent_tokens=sum(t.stats.independent_tokens for t in trees),
         prefill_tokens=sum(t.stats.prefill_tokens for t in trees),
         cached_tokens=sum(t.stats.cached_tokens for t in trees),
-        engine_calls=batching.num_batches,
+        engine_calls=sum(t.stats.engine_calls for t in trees),
+        forward_passes=int(getattr(engine, "num_forward_passes", 0)) - passes_before,
         wall_s=wall,
         cpu_s=cpu,
-        peak_concurrent_sequences=peaks.peak_sequences,
-        peak_kv_tokens=peaks.peak_kv_tokens,
-        peak_kv_bytes=peaks.peak_kv_tokens * kv_bytes_per_token,
+        peak_concurrent_sequences=tracked.peak_in_flight,
+        peak_kv_tokens=peak_kv_bytes // kv_bytes_per_token if kv_bytes_per_token else 0,
+        peak_kv_bytes=peak_kv_bytes,
     )
 
 

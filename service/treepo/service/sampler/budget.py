@@ -22,23 +22,13 @@ class PathScore:
         return self.path_logprob / self.path_tokens if self.path_tokens else 0.0
 
 
-def step_budget(
-    *,
-    width: int,
-    num_finished: int,
-    num_reserved: int,
-    group_finished: int,
-    group_alive: int,
-    branch: int,
-    pool: int = 0,
-) -> int:
-    """Children for the live paths of one group of returned segments (`by_fixed_div`).
+def step_budget(*, width: int, num_finished: int, group_finished: int, group_alive: int, branch: int) -> int:
+    """Children for the live paths of one complete level (`by_fixed_div`): `max(min(w - F, b*f_t + b*A), A)`.
 
-    `total = max(min(w - F - reserved, b*f_t + b*A + pool), A)`; with the paper's barrier, `reserved`
-    (requests of the tree still in flight elsewhere) and `pool` (budget donated earlier) are 0.
+    F = leaves so far, f_t = paths of this level that finished, A = paths of this level still alive.
     """
-    remaining = max(width - num_finished - num_reserved, 0)
-    return max(min(remaining, branch * (group_finished + group_alive) + pool), group_alive)
+    remaining = max(width - num_finished, 0)
+    return max(min(remaining, branch * (group_finished + group_alive)), group_alive)
 
 
 def split_fixed_avg(total: int, num_paths: int) -> list[int]:

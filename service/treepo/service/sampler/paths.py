@@ -15,7 +15,7 @@ from treepo.service.sampler.rules import StopRules, first_stop_index
 
 
 def derive_seed(base_seed: int, label: str) -> int:
-    """A request seed from (tree seed, node label): siblings differ, reruns repeat."""
+    """A request seed from (tree seed, path label): siblings differ, reruns repeat."""
     digest = hashlib.blake2b(f"{base_seed}:{label}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") >> 2  # 62 bits: fits every engine's int64 seed
 
@@ -23,7 +23,7 @@ def derive_seed(base_seed: int, label: str) -> int:
 def make_request(
     sampling: SamplingParams, input_ids: list[int], max_new_tokens: int, base_seed: int, label: str
 ) -> GenerateRequest:
-    """One engine request of a tree or of the sequential baseline, seeded from (tree seed, label)."""
+    """One engine request of a tree or of the sequential baseline, seeded from (tree seed, path label)."""
     return GenerateRequest(
         input_ids=input_ids,
         max_new_tokens=max_new_tokens,
@@ -72,7 +72,7 @@ class TreeBuilder:
     children: dict[str | None, list[str]] = field(default_factory=dict)
     leaves: list[str] = field(default_factory=list)
     stats: TreeStats = field(default_factory=TreeStats)
-    batch_ids: set[int] = field(default_factory=set)
+    num_requests: int = 0  # engine requests sent for this tree
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -81,7 +81,7 @@ class TreeBuilder:
 
     def grow(self, path: Path, label: str, output: GenerateOutput) -> tuple[Path, FinishReason | None]:
         """Add the node `label` under `path` from an engine output; return the new path, its reason."""
-        tokens, logprobs = self._clip(path, output)
+        tokens, logprobs = self.clip(path, output)
         depth = path.depth + 1
         text = self.decode(tokens)
         self._add(NodeRecord(label, path.node_id, depth, tokens, logprobs, text, output.policy_version))
@@ -102,7 +102,7 @@ class TreeBuilder:
             self.leaves.append(label)
         return child, reason
 
-    def _clip(self, path: Path, output: GenerateOutput) -> tuple[list[int], list[float]]:
+    def clip(self, path: Path, output: GenerateOutput) -> tuple[list[int], list[float]]:
         """Cut the segment after its first stop token and at the length limit (as the release)."""
         tokens = list(output.output_ids)
         stop = first_stop_index(tokens, self.rules.stop_ids)
@@ -113,7 +113,7 @@ class TreeBuilder:
 
     def add_chain(self, index: int, output: GenerateOutput, chunk: int, reason: FinishReason) -> None:
         """One whole trajectory (sequential baseline) as a chain of `chunk`-token nodes "<j>-<index>"."""
-        tokens, logprobs = self._clip(Path(None, 0), output)
+        tokens, logprobs = self.clip(Path(None, 0), output)
         self.stats.decoded_tokens += len(tokens)
         self.stats.prefill_tokens += output.prefill_tokens
         self.stats.cached_tokens += output.cached_tokens
@@ -211,7 +211,7 @@ class TreeBuilder:
         stats.independent_tokens = sum(
             len(n.token_ids) for leaf in self.leaves for n in self.path_nodes(leaf)
         )
-        stats.engine_calls = len(self.batch_ids)
+        stats.engine_calls = self.num_requests
         stats.finish_reasons = dict(Counter(self.nodes[leaf].finish_reason or "" for leaf in self.leaves))
         stats.wall_s = time.perf_counter() - self.started
         nodes = [

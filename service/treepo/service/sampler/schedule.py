@@ -1,12 +1,16 @@
-"""The segment loop of one tree, level-synchronous (the paper) or asynchronous (no barrier).
+"""The segment loop of one tree: level by level (TREEPO.md §1.2), each path's segment its own engine request.
 
-Both schedules run the same rules: every group of segments that comes back together is classified, then its
-live paths share `step_budget(...)` children split by the split policy; a prompt with nothing in flight and
-fewer than w leaves falls back. `sync` submits a whole frontier as one engine call and waits for all of it,
-so a group is a level (TREEPO.md §1.2). `async` submits each path as its own call: paths whose segments come
-back together (one engine batch) form a group, and their children are submitted at once while the tree's
-other requests are still running; budget that finished paths donate (`b` each) is pooled and goes to the next
-group with live paths.
+Every rule of a level (early stop, budget, split, fallback) is decided when that tree's level is complete: a
+per-tree barrier, never a global one, since other trees' requests keep the engine busy meanwhile. Both
+schedules therefore build the same tree for the same seed, whatever the engine's batching and timing:
+
+- `sync` submits a level's paths together and waits for all of them (the paper's loop);
+- `async` also gives each surviving path its first child the moment its segment returns (every live path
+  gets at least one child, whatever the split), so a path never waits for its level's slowest sibling to
+  start decoding again; the rest of its children follow when the level is complete.
+
+A path's request seed comes from its lineage (the child indices from the root), not from when it was sent;
+node ids are "<level>-<k>" with k the position in the level in lineage order, as in the release.
 """
 
 from __future__ import annotations
@@ -16,18 +20,22 @@ import random
 from dataclasses import dataclass
 
 from treepo.client.schema import SamplingParams, TreeParams
-from treepo.service.engine.batcher import BatchingEngine
-from treepo.service.engine.protocol import GenerateOutput, GenerateRequest
+from treepo.service.engine.protocol import Engine, GenerateOutput, GenerateRequest
 from treepo.service.sampler.budget import split_budget, step_budget
 from treepo.service.sampler.fallback import reopen
 from treepo.service.sampler.paths import Path, TreeBuilder, make_request
 
+Lineage = tuple[
+    int, ...
+]  # (origin, child index, child index, ...); origin 0 = the prompt, r = fallback round r
+
 
 @dataclass(slots=True)
-class _Flight:
-    seq: int
-    paths: list[Path]
-    labels: list[str]
+class _Member:
+    """A path of the current level and where it comes from."""
+
+    path: Path
+    lineage: Lineage
 
 
 class TreeRun:
@@ -35,7 +43,7 @@ class TreeRun:
 
     def __init__(
         self,
-        engine: BatchingEngine,
+        engine: Engine,
         builder: TreeBuilder,
         tree: TreeParams,
         sampling: SamplingParams,
@@ -48,29 +56,19 @@ class TreeRun:
         self.sampling = sampling
         self.base_seed = base_seed
         self.rng = random.Random(f"{base_seed}:sampler")
-        self.is_async = tree.schedule == "async"
-        self.round = 0  # node ids are "<round>-<k>": round of submission, position in it
-        self.num_submitted = 0
-        self.reserved = 0  # requests of this tree in flight
-        self.pool = 0  # async only: budget donated by finished paths, not yet used
-        self.in_flight: dict[asyncio.Task, _Flight] = {}
+        self.head_start = tree.schedule == "async"
+        self.level = 0
+        self._tasks: dict[Lineage, asyncio.Task[GenerateOutput]] = {}  # requests in flight, by lineage
 
     async def run(self) -> None:
-        self._submit(self._initial_paths())
+        members = [_Member(path, (0, i)) for i, path in enumerate(self._initial_paths())]
         try:
-            while self.in_flight:
-                done, _ = await asyncio.wait(self.in_flight, return_when=asyncio.FIRST_COMPLETED)
-                flights = sorted(
-                    ((self.in_flight.pop(task), task) for task in done), key=lambda ft: ft[0].seq
-                )
-                # 1) decode results 2) early stop 3) branch
-                children = self._process([(flight, task.result()) for flight, task in flights])
-                # 4) fallback
-                if not children and not self.in_flight:
-                    children = reopen(self.builder, self.tree, self.rng)
-                self._submit(children)
+            while members:
+                self.level += 1
+                outputs = await self._run_level(members)
+                members = self._next_level(members, outputs)
         finally:
-            for task in self.in_flight:
+            for task in self._tasks.values():
                 task.cancel()
 
     # Internal helpers
@@ -81,63 +79,68 @@ class TreeRun:
         count = self.rng.randint(init[0], init[1]) if isinstance(init, tuple) else init
         return [Path(node_id=None, depth=0) for _ in range(min(count, self.tree.width))]
 
-    def _submit(self, paths: list[Path]) -> None:
-        if not paths:
-            return
-        self.round += 1
-        labels = [f"{self.round}-{k}" for k in range(len(paths))]
-        self.reserved += len(paths)
-        chunks = [[i] for i in range(len(paths))] if self.is_async else [list(range(len(paths)))]
-        for chunk in chunks:
-            requests = [self._request(paths[i], labels[i]) for i in chunk]
-            task = asyncio.create_task(self.engine.generate_tracked(requests))
-            self.in_flight[task] = _Flight(
-                self.num_submitted, [paths[i] for i in chunk], [labels[i] for i in chunk]
-            )
-            self.num_submitted += 1
+    async def _run_level(self, members: list[_Member]) -> dict[Lineage, GenerateOutput]:
+        """Every member's segment (head starts included); with `async`, survivors' first children go early."""
+        for member in members:
+            if member.lineage not in self._tasks:
+                self._submit(member.path, member.lineage)
+        waiting = {self._tasks[m.lineage]: m for m in members}
+        outputs: dict[Lineage, GenerateOutput] = {}
+        while waiting:
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                member = waiting.pop(task)
+                del self._tasks[member.lineage]
+                outputs[member.lineage] = output = task.result()
+                if self.head_start:
+                    self._submit_first_child(member, output)
+        return outputs
 
-    def _request(self, path: Path, label: str) -> GenerateRequest:
+    def _submit_first_child(self, member: _Member, output: GenerateOutput) -> None:
+        tokens, _ = self.builder.clip(member.path, output)
+        response_ids = member.path.response_ids + tokens
+        reason = self.builder.rules.classify(
+            tokens, self.builder.decode(tokens), len(response_ids), member.path.depth + 1
+        )
+        if reason is None:
+            self._submit(Path(None, member.path.depth + 1, response_ids), (*member.lineage, 0))
+
+    def _submit(self, path: Path, lineage: Lineage) -> None:
+        self.builder.num_requests += 1
+        request = self._request(path, lineage)
+        self._tasks[lineage] = asyncio.ensure_future(self.engine.generate(request))
+
+    def _request(self, path: Path, lineage: Lineage) -> GenerateRequest:
         room = self.builder.rules.max_new_tokens - len(path.response_ids)
         assert room >= 1, f"a live path has no room left: {room=}"
         input_ids = self.builder.prompt_ids + path.response_ids
         segment = min(self.tree.segment_tokens, room)
-        return make_request(self.sampling, input_ids, segment, self.base_seed, label)
+        return make_request(self.sampling, input_ids, segment, self.base_seed, ".".join(map(str, lineage)))
 
-    def _process(
-        self, results: list[tuple[_Flight, tuple[list[GenerateOutput], tuple[int, ...]]]]
-    ) -> list[Path]:
-        """Grow the returned segments; give the group's live paths their children."""
-        survivors: list[Path] = []
-        num_finished = 0
-        for flight, (outputs, batch_ids) in results:
-            self.builder.batch_ids.update(batch_ids)
-            for path, label, output in zip(flight.paths, flight.labels, outputs, strict=True):
-                self.reserved -= 1
-                child, reason = self.builder.grow(path, label, output)
-                if reason is None:
-                    survivors.append(child)
-                else:
-                    num_finished += 1
-        return self._branch(survivors, num_finished)
-
-    def _branch(self, survivors: list[Path], num_finished: int) -> list[Path]:
-        branch = self.tree.branch
-        donated = branch * num_finished + self.pool
-        if not survivors:
-            self.pool = donated if self.is_async else 0
-            return []
-        total = step_budget(
-            width=self.tree.width,
-            num_finished=self.builder.num_leaves,
-            num_reserved=self.reserved,
-            group_finished=num_finished,
-            group_alive=len(survivors),
-            branch=branch,
-            pool=self.pool,
-        )
-        if self.is_async:
-            self.pool = max(0, donated - max(0, total - branch * len(survivors)))
-        counts = split_budget(
-            self.tree.split, [p.score() for p in survivors], total, self.tree.split_temperature
-        )
-        return [path for path, count in zip(survivors, counts, strict=True) for _ in range(count)]
+    def _next_level(self, members: list[_Member], outputs: dict[Lineage, GenerateOutput]) -> list[_Member]:
+        """Grow the level's segments in lineage order; give its live paths their children, or fall back."""
+        members = sorted(members, key=lambda m: m.lineage)
+        survivors: list[_Member] = []
+        for k, member in enumerate(members):
+            child, reason = self.builder.grow(member.path, f"{self.level}-{k}", outputs[member.lineage])
+            if reason is None:
+                survivors.append(_Member(child, member.lineage))
+        if survivors:
+            total = step_budget(
+                width=self.tree.width,
+                num_finished=self.builder.num_leaves,
+                group_finished=len(members) - len(survivors),
+                group_alive=len(survivors),
+                branch=self.tree.branch,
+            )
+            scores = [m.path.score() for m in survivors]
+            counts = split_budget(self.tree.split, scores, total, self.tree.split_temperature)
+            return [
+                _Member(member.path, (*member.lineage, j))
+                for member, count in zip(survivors, counts, strict=True)
+                for j in range(count)
+            ]
+        origin = self.level + 1  # fallback paths start a new lineage (nothing is in flight here)
+        return [
+            _Member(path, (origin, i)) for i, path in enumerate(reopen(self.builder, self.tree, self.rng))
+        ]

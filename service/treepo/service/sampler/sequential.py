@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from treepo.client.schema import FinishReason, SamplingParams, TreeParams
-from treepo.service.engine.batcher import BatchingEngine
-from treepo.service.engine.protocol import GenerateOutput
+from treepo.service.engine.protocol import Engine, GenerateOutput, generate_all
 from treepo.service.sampler.paths import TreeBuilder, make_request
 from treepo.service.sampler.rules import StopRules, extract_last_boxed
 
@@ -19,22 +18,22 @@ def trajectory_reason(output: GenerateOutput, rules: StopRules, decode_text: str
 
 
 async def sample_independent(
-    engine: BatchingEngine,
+    engine: Engine,
     builder: TreeBuilder,
     tree: TreeParams,
     sampling: SamplingParams,
     *,
     base_seed: int,
 ) -> None:
-    """All `width` trajectories in one engine call; stored as chains of l-token nodes."""
+    """All `width` trajectories in flight at once, one request each; stored as chains of l-token nodes."""
     requests = [
         make_request(
             sampling, list(builder.prompt_ids), builder.rules.max_new_tokens, base_seed, f"seq-{index}"
         )
         for index in range(tree.width)
     ]
-    outputs, batch_ids = await engine.generate_tracked(requests)
-    builder.batch_ids.update(batch_ids)
+    builder.num_requests += len(requests)
+    outputs = await generate_all(engine, requests)
     for index, output in enumerate(outputs):
         reason = trajectory_reason(output, builder.rules, builder.decode(list(output.output_ids)))
         builder.add_chain(index, output, tree.segment_tokens, reason)

@@ -9,7 +9,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from treepo.client.schema import SamplingParams, Tree, TreeParams
-from treepo.service.engine.batcher import BatchingEngine
 from treepo.service.engine.protocol import Engine
 from treepo.service.sampler.paths import TreeBuilder
 from treepo.service.sampler.rules import StopRules
@@ -28,12 +27,12 @@ class _Setup:
 class TreeSampler:
     """Samples trees with every TreePO release rule (bugs B1-B4 fixed). Pure logic over the Engine protocol.
 
-    Many `sample()` coroutines may run at once over one sampler: they share its `BatchingEngine` (the given
-    engine itself if it is one, else a wrapper), so their segments go to the engine in shared batches.
+    Many `sample()` coroutines may run at once over one sampler: every path's segment is its own engine
+    request, so the engine batches all trees' requests together, continuously.
     """
 
     def __init__(self, engine: Engine, decode: Callable[[list[int]], str]) -> None:
-        self.engine = engine if isinstance(engine, BatchingEngine) else BatchingEngine(engine)
+        self.engine = engine
         self.decode = decode
 
     async def sample(
