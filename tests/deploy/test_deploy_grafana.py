@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
@@ -10,10 +11,12 @@ from deploy_tools import (
     DASHBOARDS,
     DEPLOY,
     METRIC_NAME,
+    SGLANG_NAME,
     as_promql,
     dashboard_exprs,
     exported_metric_names,
     run,
+    sglang_fixture_names,
     tool,
 )
 
@@ -45,6 +48,9 @@ def test_dashboard_structure(path) -> None:
         assert panel["type"] in PANEL_TYPES, where
         grid = panel["gridPos"]
         assert all(isinstance(grid[k], int) for k in "hwxy") and grid["x"] + grid["w"] <= 24, where
+        if panel["type"] == "row":  # a heading: no query
+            assert grid["w"] == 24 and grid["h"] == 1 and not panel.get("targets"), where
+            continue
         assert panel["datasource"] == {"type": "prometheus", "uid": DATASOURCE_UID}, where
         refs = [target["refId"] for target in panel["targets"]]
         assert refs and len(refs) == len(set(refs)), where
@@ -85,3 +91,47 @@ def test_every_expr_parses_with_promtool(tmp_path) -> None:
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboards", "rules": rules}]}))
     result = run(promtool, "check", "rules", str(path))
     assert f"SUCCESS: {len(rules)} rules found" in result.stdout
+
+
+def board(uid: str) -> dict:
+    return next(
+        json.loads(path.read_text()) for path in DASHBOARDS if json.loads(path.read_text())["uid"] == uid
+    )
+
+
+@pytest.mark.parametrize("uid", ["treepo-sampling", "treepo-trainer"])
+def test_one_engine_at_a_time(uid: str) -> None:
+    """The engine variable takes one value, and every query of our series selects it: the CPU (embedded) and the
+    GPU (sglang) services are never summed together."""
+    variables = {v["name"]: v for v in board(uid)["templating"]["list"]}
+    engine = variables["engine"]
+    assert engine["type"] == "query" and not engine["multi"] and not engine["includeAll"]
+    assert "engine" in engine["query"]["query"]
+    for panel in board(uid)["panels"]:
+        for target in panel.get("targets", []):
+            for selector in re.findall(
+                r"\b(?:treepo_[a-z0-9_]+|up)\{[^}]*\}|\btreepo_[a-z0-9_]+\b(?!\{)", target["expr"]
+            ):
+                if selector.startswith("up{") and 'job="treepo-service"' not in selector:
+                    continue  # workers, trainer and Redis targets are listed, not summed with the services
+                assert 'engine="$engine"' in selector, (
+                    f"{uid}: panel {panel['title']!r} does not filter {selector}"
+                )
+
+
+def test_fleet_row_and_sglang_metrics_next_to_ours() -> None:
+    panels = board("treepo-sampling")["panels"]
+    rows = [p["title"] for p in panels if p["type"] == "row"]
+    assert rows[0].startswith("Fleet") and any("SGLang" in title for title in rows)
+    exprs = " ".join(t["expr"] for p in panels for t in p.get("targets", []))
+    assert (
+        'up{job="treepo-service"' in exprs
+        and 'up{job="sglang"}' in exprs
+        and "treepo_policy_version" in exprs
+    )
+    recorded = sglang_fixture_names()
+    used = set(SGLANG_NAME.findall(exprs))
+    assert {"sglang:cached_tokens_total", "sglang:prompt_tokens_total", "sglang:num_running_reqs"} <= used
+    assert used <= recorded, (
+        f"sglang names the real server (0.5.23) does not export: {sorted(used - recorded)}"
+    )

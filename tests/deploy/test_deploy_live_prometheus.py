@@ -74,15 +74,15 @@ class SGLangMetrics(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def redis_exporter(tmp_path):
+@pytest.fixture(scope="module")
+def redis_exporter(tmp_path_factory):
     """A private redis-server with a memory budget and the real redis_exporter in front of it."""
     redis_server = tool("redis-server", "Debian package redis-server")
     exporter = tool("prometheus-redis-exporter", EXPORTER_HINT)
     redis_port, exporter_port = free_port(), free_port()
     redis = subprocess.Popen(
         [redis_server, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--maxmemory", "64mb", "--maxmemory-policy", "noeviction", "--dir", str(tmp_path)],
+         "--maxmemory", "64mb", "--maxmemory-policy", "noeviction", "--dir", str(tmp_path_factory.mktemp("redis"))],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     process = subprocess.Popen(
@@ -98,7 +98,7 @@ def redis_exporter(tmp_path):
             proc.wait(timeout=10)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def exporters(redis_exporter):
     """job -> port: the real service and trainer registries with some traffic, the recorded SGLang /metrics and
     the Redis exporter."""
@@ -130,9 +130,10 @@ def exporters(redis_exporter):
         server_thread.join(timeout=5)
 
 
-@pytest.fixture
-def prometheus(tmp_path, exporters):
+@pytest.fixture(scope="module")
+def prometheus(tmp_path_factory, exporters):
     binary = tool("prometheus", PROMETHEUS_HINT)
+    tmp_path = tmp_path_factory.mktemp("prometheus")
     (tmp_path / "alerts.yml").write_text((PROMETHEUS / "alerts.yml").read_text())
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
@@ -181,8 +182,8 @@ def test_every_dashboard_query_and_rule_runs(prometheus) -> None:
     for where, expr in exprs:
         answer = query(prometheus, expr)
         assert answer["status"] == "success", f"{where}: {answer.get('error')}"
-    saved = query(prometheus, 'treepo:tokens_saved:ratio_rate15m{engine="embedded"}')
-    assert float(saved["data"]["result"][0]["value"][1]) == pytest.approx(0.6)
+    saved = '1 - max(treepo_decoded_tokens_total{engine="embedded"}) / max(treepo_independent_tokens_total)'
+    assert float(query(prometheus, saved)["data"]["result"][0]["value"][1]) == pytest.approx(0.6)
     replicas = query(
         prometheus, as_promql('count(up{job="treepo-service", engine="$engine"} == 1) or vector(0)')
     )
