@@ -14,6 +14,7 @@ from treepo.service.config import EngineKind
 
 logger = logging.getLogger(__name__)
 ENGINE_KINDS = ("embedded", "sglang", "scripted")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def serve(
@@ -30,6 +31,22 @@ def serve(
     ] = None,
     device: Annotated[
         str | None, typer.Option(help="Embedded engine device: cpu, cuda... [default cpu].")
+    ] = None,
+    max_kv_tokens: Annotated[
+        int | None,
+        typer.Option(
+            min=64, help="Embedded engine KV budget in tokens [env TREEPO_MAX_KV_TOKENS; default 65536]."
+        ),
+    ] = None,
+    max_running_rows: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Embedded engine rows decoding at once [env TREEPO_MAX_RUNNING_ROWS; default 256]."
+        ),
+    ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(help="Embedded engine dtype: auto | float32 | bfloat16 | float16 [env TREEPO_DTYPE]."),
     ] = None,
     sglang_url: Annotated[
         list[str] | None, typer.Option(help="SGLang worker/router URL (repeatable) [env TREEPO_SGLANG_URLS].")
@@ -58,12 +75,17 @@ def serve(
 
     if engine is not None and engine not in ENGINE_KINDS:
         raise typer.BadParameter(f"unknown engine {engine!r}; expected one of {', '.join(ENGINE_KINDS)}")
+    if dtype is not None and dtype not in DTYPES:
+        raise typer.BadParameter(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     overrides = {
         "host": host,
         "port": port,
         "engine": engine,
         "model_path": model,
         "device": device,
+        "max_kv_tokens": max_kv_tokens,
+        "max_running_rows": max_running_rows,
+        "dtype": dtype,
         "sglang_urls": sglang_url,
         "weights_dir": weights_dir,
         "redis_url": redis_url,
