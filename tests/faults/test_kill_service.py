@@ -1,14 +1,17 @@
 """Fault scenario 1 with real processes: `kill -9` of `treepo serve` with queue trees accepted and unsampled,
-restart, and every accepted tree id ends up exactly once in the trees or the failures stream."""
+restart, and every accepted tree id ends up exactly once in the trees or the failures stream; the
+Idempotency-Key of an inline request killed with it is free again after its lease."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,6 +20,7 @@ import httpx
 import pytest
 import redis
 
+from treepo.client import RetryPolicy, TreePOClient
 from treepo.client import constants as names
 
 PREFIX = "fault-kill"
@@ -50,6 +54,8 @@ class ServiceProcess:
             "TREEPO_KEY_PREFIX": PREFIX,
             "TREEPO_SCRIPTED_LATENCY_S": "0.4",
             "TREEPO_JOB_LEASE_S": str(LEASE_S),
+            "TREEPO_IDEMPOTENCY_LEASE_S": "2",
+            "TREEPO_RETRY_AFTER_S": "1",
             "TREEPO_WEIGHTS_DIR": str(workdir / "weights"),
         }
         env.pop("TREEPO_API_TOKEN", None)
@@ -76,6 +82,16 @@ class ServiceProcess:
             self.process.kill()
             self.process.wait()
         self.log.close()
+
+
+INLINE_KEY = "inline-owner-killed"
+INLINE_REQUEST = {"prompts": ["9+9="], "tree": TREE, "sampling": {"seed": 4}}
+
+
+def _inline_until_killed(url: str) -> None:
+    # the service is killed under it
+    with TreePOClient(url, retry=RetryPolicy(max_attempts=1)) as treepo, contextlib.suppress(httpx.HTTPError):
+        treepo.rollout_tree(**INLINE_REQUEST, idempotency_key=INLINE_KEY)
 
 
 def _published(client: redis.Redis) -> list[str]:
@@ -113,7 +129,12 @@ def test_kill_9_of_the_service_loses_no_accepted_tree(private_redis, tmp_path: P
             accepted += replayed.json()["tree_ids"]
             for seed in range(3, 6):
                 accepted += _queue(http, 3, seed=seed).json()["tree_ids"]
+        orphan = threading.Thread(target=_inline_until_killed, args=(first.url,), daemon=True)
+        orphan.start()  # an inline request whose Idempotency-Key dies with the process
+        orphan_key = names.idempotency_key(INLINE_KEY, PREFIX)
+        _wait(lambda: client.exists(orphan_key), "the inline request's key", timeout_s=10)
         first.kill9()
+        orphan.join()
         before_restart = _published(client)
         assert len(before_restart) < len(accepted), "the kill came too late: nothing was left unsampled"
 
@@ -134,6 +155,11 @@ def test_kill_9_of_the_service_loses_no_accepted_tree(private_redis, tmp_path: P
             again = _queue(http, 3, seed=2, key="kept-across-the-crash")
         assert again.json() == replayed.json() and again.headers["Idempotent-Replayed"] == "true"
         assert again.headers["Job-Remaining-Trees"] == "0"
+        # the dead owner's key is not stuck: the client retries its 409 until the lease lapses, then runs
+        retry = RetryPolicy(max_attempts=8, base_delay_s=0.5, max_delay_s=2.0)
+        with TreePOClient(second.url, retry=retry) as treepo:
+            answer = treepo.rollout_tree(**INLINE_REQUEST, idempotency_key=INLINE_KEY)
+        assert len(answer.trees) == 1
     finally:
         first.stop()
         if second is not None:

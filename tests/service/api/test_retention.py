@@ -149,3 +149,21 @@ def test_answers_over_the_byte_budget_are_not_kept(make_service) -> None:
     assert first.status_code == 200 and copy.status_code == 404
     assert again.status_code == 410 and "too large" in again.json()["detail"]
     assert len(service.redis.get(names.idempotency_key("huge", service.settings.key_prefix))) < 300
+
+
+def test_the_service_trims_what_the_trainer_acknowledged(make_service) -> None:
+    service = make_service(trim_interval_s=0.1)
+    stream = names.trees_stream(service.settings.key_prefix)
+    service.redis.xgroup_create(stream, names.DEFAULT_GROUP, id="$", mkstream=True)
+    with service.client() as http:
+        assert http.post("/rollout_tree", json=_inline_body("queue")).status_code == 202
+    deadline = time.monotonic() + 20
+    acked = 0
+    while acked < 2:  # a trainer: read, ack
+        assert time.monotonic() < deadline, "trees missing"
+        read = service.redis.xreadgroup(names.DEFAULT_GROUP, "t1", {stream: ">"}, count=10, block=100)
+        ids = [entry_id for _, entries in read for entry_id, _ in entries]
+        acked += service.redis.xack(stream, names.DEFAULT_GROUP, *ids) if ids else 0
+    while service.redis.xlen(stream):
+        assert time.monotonic() < deadline, "acknowledged trees were never trimmed"
+        time.sleep(0.05)
