@@ -10,10 +10,9 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 
 import redis.asyncio as aioredis
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from starlette.routing import BaseRoute
 
-from treepo.service.api.deps import check_work_budget
 from treepo.service.api.errors import install_error_handlers
 from treepo.service.api.middleware import (
     AuthMiddleware,
@@ -21,7 +20,7 @@ from treepo.service.api.middleware import (
     CancelOnDisconnectMiddleware,
     MetricsMiddleware,
 )
-from treepo.service.api.routes import health, rollout, trees, weights
+from treepo.service.api.routes import include_routes
 from treepo.service.config import Settings
 from treepo.service.factory import EngineFactory, build_engine
 from treepo.service.jobs import QueueJobs
@@ -47,10 +46,7 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
         description=DESCRIPTION,
         lifespan=_lifespan(settings, engine_factory),
     )
-    routers = (rollout.router, weights.router, trees.router, health.router)
-    app.include_router(rollout.router, dependencies=[Depends(check_work_budget)])  # bounded work per request
-    for router in routers[1:]:
-        app.include_router(router)
+    routers = include_routes(app, token_required=settings.api_token is not None)
     # Routes with their full paths (FastAPI nests included routers), for bounded `route` label values.
     flat_routes = [r for r in app.routes if hasattr(r, "path")] + [r for rt in routers for r in rt.routes]
     metrics = ServiceMetrics(routes=_route_methods(flat_routes))

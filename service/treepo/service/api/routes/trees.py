@@ -8,10 +8,12 @@ from fastapi.responses import HTMLResponse
 from treepo.client.schema import ErrorBody, Tree
 from treepo.service.api.deps import QueueDep
 from treepo.service.api.errors import ApiError
+from treepo.service.api.routes import json_error
 from treepo.service.viewer import render_tree_page
 
 router = APIRouter(prefix="/trees", tags=["trees"])
 _NOT_FOUND: dict[int | str, dict] = {404: {"model": ErrorBody, "description": "unknown or expired tree id"}}
+_VIEW_NOT_FOUND: dict[int | str, dict] = {404: json_error("unknown or expired tree id")}  # JSON, not HTML
 
 
 async def _load(queue: QueueDep, tree_id: str) -> Tree:
@@ -27,7 +29,7 @@ async def get_tree(tree_id: str, queue: QueueDep) -> Tree:
     return await _load(queue, tree_id)
 
 
-@router.get("/{tree_id}/view", response_class=HTMLResponse, responses=_NOT_FOUND)
+@router.get("/{tree_id}/view", response_class=HTMLResponse, responses=_VIEW_NOT_FOUND)
 async def view_tree(tree_id: str, queue: QueueDep) -> HTMLResponse:
     """An HTML page drawing the tree: segments, shared prefixes, finish reasons, and leaf rewards if known."""
     tree = await _load(queue, tree_id)
