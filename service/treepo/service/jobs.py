@@ -118,7 +118,11 @@ class QueueJobs:
                     job.job_id, tree_id, self.queue.failures, names.FAILURE_FIELD, payload, 0
                 )
 
-            await with_retries(publish, self.retry_window_s)
+            try:
+                await with_retries(publish, self.retry_window_s)
+            except (RedisError, OSError):  # the lease lapses; a later recovery round tries again
+                logger.exception("could not record the failure of tree %s of job %s", tree_id, job.job_id)
+                return
 
     async def _run(
         self, loaded: Loaded, job_id: str, prompts: list[PreparedPrompt], request: RolloutTreeRequest
@@ -139,11 +143,11 @@ class QueueJobs:
             logger.exception("job %s could not publish; leaving it to recovery", job_id)
         except Exception as exc:  # never vanish silently: record what can be recorded
             logger.exception("queue job %s failed", job_id)
-            await self._fail_all(
-                job_id, unfinished.values(), f"{type(exc).__name__}: {exc}", window_s=self.retry_window_s
-            )
+            await self._fail_all(job_id, unfinished.values(), f"{type(exc).__name__}: {exc}")
 
-    async def _deliver(self, job_id: str, result: Tree | TreeFailure, window_s: float | None = None) -> None:
+    async def _deliver(self, job_id: str, result: Tree | TreeFailure) -> None:
+        """Publish a tree (or its failure record) unless it was published already; Redis connection errors
+        are retried for the retry window."""
         if isinstance(result, Tree):
             stream, field, payload = self.queue.stream, names.TREE_FIELD, result.model_dump_json()
             tree_id, copy_ttl = result.tree_id, self.queue.copy_ttl(payload)
@@ -158,15 +162,12 @@ class QueueJobs:
         async def publish() -> bool:
             return await self.store.publish(job_id, tree_id, stream, field, payload, copy_ttl)
 
-        window = self.retry_window_s if window_s is None else window_s
-        if not await with_retries(publish, window):
+        if not await with_retries(publish, self.retry_window_s):
             logger.info("tree %s of job %s was already published; not adding it twice", tree_id, job_id)
 
-    async def _fail_all(
-        self, job_id: str, prompts: Iterable[PreparedPrompt], error: str, *, window_s: float
-    ) -> None:
+    async def _fail_all(self, job_id: str, prompts: Iterable[PreparedPrompt], error: str) -> None:
         for prompt in list(prompts):
             try:
-                await self._deliver(job_id, TreeFailure(prompt, error), window_s)
+                await self._deliver(job_id, TreeFailure(prompt, error))
             except (RedisError, OSError):  # Redis is gone too: the lease lapses, recovery re-samples it
                 logger.exception("could not record the failure of tree %s: %s", prompt.tree_id, error)
