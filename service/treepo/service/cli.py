@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import typer
 
+from treepo.service.bench_load import bench_load
 from treepo.service.bench_service import bench_service
 from treepo.service.engine.bench import bench_engine
 from treepo.service.sampler.bench import bench_sampling
@@ -27,6 +28,7 @@ app.command("init-model")(init_model)
 bench.command("sampling")(bench_sampling)
 app.command("serve")(serve)
 bench.command("service")(bench_service)
+bench.command("load")(bench_load)
 bench.command("engine")(bench_engine)
 try:  # the trainer's commands, when treepo-trainer is installed beside the service
     from treepo.trainer.cli import bench_train, demo, train
