@@ -221,3 +221,21 @@ def test_renewal_extends_pending_keys_only(service: Service, key_prefix: str) ->
     asyncio.run(hold())
     assert 5 < service.redis.ttl(pending) <= queue.retention.pending_lease_s
     assert service.redis.ttl(done) > 3000, "a finished record keeps its TTL"
+
+
+def test_a_dropped_stream_frees_its_key(make_service) -> None:
+    slow = factory_of(lambda: ScriptedEngine(printable_script(eos_probability=0.0), latency_s=0.5))
+    service = make_service(engine_factory=slow, idempotency_lease_s=1, job_lease_s=1.0)
+    headers = {"Idempotency-Key": "dropped-stream"}
+    key = names.idempotency_key("dropped-stream", service.settings.key_prefix)
+    with (
+        service.client() as http,
+        http.stream("POST", "/rollout_tree", json=_body(1, "stream"), headers=headers),
+    ):
+        _wait(lambda: service.redis.exists(key), "the stream's key")
+    # the client hung up before any tree: the key is released (or lapses), never held for ever
+    _wait(lambda: not service.redis.exists(key), "the dropped stream's key to be freed", timeout_s=10)
+    _wait(lambda: not service.app.state.jobs.held_keys, "the key to be let go")
+    with service.client() as http:
+        again = http.post("/rollout_tree", json=_body(1, "stream"), headers=headers)
+    assert again.status_code == 200 and "Idempotent-Replayed" not in again.headers

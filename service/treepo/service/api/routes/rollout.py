@@ -79,7 +79,8 @@ async def rollout_tree(
         earlier = await queue.claim(idempotency_key, fingerprint)
         if earlier is not None:
             return await _replay(earlier, fingerprint, settings.retry_after_s, jobs)
-        jobs.held_keys.add(idempotency_key)
+        if body.delivery != "stream":  # a stream holds its key while its body runs (never started: lapses)
+            jobs.held_keys.add(idempotency_key)
     call = _Rollout(body, loaded, metrics, queue, settings, jobs, idempotency_key, fingerprint)
     try:
         prompts = prepare(body, loaded.codec, loaded.metered.max_context, call.request_id)
@@ -178,6 +179,8 @@ class _Rollout:
         error_lines: list[str] = []
         kept: set[str] = set()
         try:
+            if self.idempotency_key:
+                self.jobs.held_keys.add(self.idempotency_key)
             async for result in sample_trees(self.loaded.sampler, prompts, self.body, self.metrics):
                 if isinstance(result, Tree):
                     payload = result.model_dump_json()
