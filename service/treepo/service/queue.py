@@ -61,7 +61,7 @@ return 0
 
 @dataclass(slots=True)
 class QueueStats:
-    depth: int  # trees not yet consumed by the slowest consumer group (the stream length without groups)
+    depth: int  # backlog of the slowest training group (+ reserved trees); the stream length without groups
     oldest_age_s: float  # age of the oldest of them
 
 
