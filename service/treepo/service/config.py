@@ -34,12 +34,21 @@ class Settings(BaseSettings):
         "engine).",
     )
     sglang_urls: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["http://127.0.0.1:30000"], description="SGLang worker (or router) base URLs."
+        default_factory=lambda: ["http://127.0.0.1:30000"],
+        description="Where generation goes: SGLang workers (prefix-routed) or one sglang-router URL.",
+    )
+    sglang_admin_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="The SGLang workers themselves, for weight pushes, flushes and health (the router has no "
+        "weight routes); empty = sglang_urls.",
+    )
+    sglang_wait_s: float = Field(
+        default=600.0, ge=0, description="How long start-up waits for the SGLang workers to answer."
     )
     max_context: int | None = Field(
         default=None,
         ge=2,
-        description="Context length for engines that cannot tell it (sglang); null = model config.",
+        description="Upper bound on prompt + path tokens; null = model config (sglang: and the workers' limits).",
     )
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0",
@@ -125,7 +134,7 @@ class Settings(BaseSettings):
             return [group.strip() for group in value.split(",") if group.strip()]
         return value
 
-    @field_validator("sglang_urls", mode="before")
+    @field_validator("sglang_urls", "sglang_admin_urls", mode="before")
     @classmethod
     def _split_urls(cls, value: object) -> object:
         if isinstance(value, str) and not value.lstrip().startswith("["):

@@ -71,5 +71,11 @@ def _sglang(settings: Settings) -> tuple[Engine, Codec]:
     from treepo.service.engine.sglang import SGLangEngine
 
     path = settings.resolved_model_path()
-    engine = SGLangEngine(settings.sglang_urls, model_path=path, max_context=settings.max_context)
+    engine = SGLangEngine(
+        settings.sglang_urls,
+        admin_urls=settings.sglang_admin_urls or None,
+        model_path=path,
+        max_context=settings.max_context,
+    )
+    engine.read_server_limits(wait_s=settings.sglang_wait_s)  # the workers' real limits (loading meanwhile)
     return engine, HFCodec(path)

@@ -1,10 +1,13 @@
-"""A stand-in SGLang server for tests: the same JSON as `sglang.launch_server --skip-tokenizer-init`.
+"""A stand-in SGLang server for fault injection: the same JSON as `sglang.launch_server --skip-tokenizer-init`.
 
-Field names and shapes follow shared/SGLANG.md §1-§4: batch input -> list response; `meta_info` with id,
-finish_reason {type, matched|length|message}, prompt_tokens, completion_tokens, cached_tokens (from a
-token-id prefix memory filled when a request finishes, capped at input_len - 1), weight_version and
-output_token_logprobs [[logprob, token_id, null], ...]; HTTP 400 {"error": {"message"}} for bad input.
-Tokens come from a real tiny transformers model (`ModelTokens`) or from a deterministic script.
+It answers every exchange recorded from a real SGLang 0.5.23 server (tests/sglang/fixtures, checked by
+test_sglang_standin_wire.py) the same way: batch input -> list response; `meta_info` with the real keys;
+the real limits (input < max_req_input_len = context - 6; input + max_new_tokens <= context, and
+max_new_tokens cut to context - 2 - input); HTTP 400 `{"error": {"message"}}` for bad values and
+`{"error": "unknown field ..."}` for unknown sampling fields; `/abort_request {"rid"}`; `/get_server_info`.
+cached_tokens come from a token-id prefix memory filled when a request finishes (capped at input_len - 1).
+Tokens come from a real tiny transformers model (`ModelTokens`) or from a deterministic script. Tests that
+need real SGLang behaviour run against the real server (tests/sglang); this is for injecting faults.
 """
 
 from __future__ import annotations
@@ -28,7 +31,19 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 TokenStream = Callable[[list[int], dict[str, Any]], Iterator[tuple[int, float]]]
 """(input_ids, sampling_params) -> endless (token id, logprob) pairs."""
 
-ADMIN_ROUTES = {"/update_weights_from_disk", "/flush_cache", "/pause_generation", "/continue_generation"}
+ADMIN_ROUTES = {
+    "/update_weights_from_disk", "/flush_cache", "/pause_generation", "/continue_generation", "/abort_request",
+}  # fmt: skip
+SAMPLING_FIELDS = (
+    "max_new_tokens", "stop", "stop_token_ids", "stop_regex", "temperature", "top_p", "top_k", "min_p",
+    "frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens", "n", "json_schema",
+    "regex", "ebnf", "structural_tag", "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens",
+    "no_stop_trim", "stream_interval", "logit_bias", "sampling_seed", "custom_params",
+)  # fmt: skip
+FLUSHED = (
+    "Cache flushed.\nPlease check backend logs for more details. (When there are running or waiting "
+    "requests, the operation will not be performed.)\n"
+)
 OPEN_ROUTES = {"/health", "/health_generate", "/metrics"}
 
 
@@ -51,7 +66,8 @@ class ModelTokens:
         generator = torch.Generator().manual_seed(
             hash((seed, tuple(input_ids))) & 0xFFFF_FFFF if seed is not None else random.getrandbits(32)
         )
-        ids, past = torch.tensor([input_ids]), None
+        vocab = self.vocab_size  # real SGLang 0.5.23 accepts ids past the vocabulary (fixture): clamp them
+        ids, past = torch.tensor([[min(t, vocab - 1) for t in input_ids]]), None
         cache_arg = (
             "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         )
@@ -129,23 +145,33 @@ class StandinState:
     tokens: TokenStream
     eos_token_ids: tuple[int, ...] = (0,)
     context_len: int = 512
-    vocab_size: int | None = None
+    max_req_input_len: int | None = None  # None: context_len - 6, as SGLang computes it
+    vocab_size: int | None = None  # set: ids past it are a 400 (fault injection; real SGLang accepts them)
     weight_version: str = "default"
     api_key: str | None = None
     admin_api_key: str | None = None
     token_delay_s: float = 0.0  # per decode step, so that /pause_generation can catch requests running
     abort_plan: list[int] = field(default_factory=list)  # next items abort after this many tokens
     fail_weight_update: str | None = None  # message of a refused /update_weights_from_disk
-    healthy: bool = True
+    update_delay_s: float = 0.0  # how long a weight load takes
+    warmup_logprob: bool = False  # answer max_new_tokens=0 with one logprob and no token (older versions)
+    healthy: bool = True  # False: /health, /health_generate and /get_model_info answer 503
     paused: bool = False
     inflight: int = 0
+    running: set[str] = field(default_factory=set)  # rids of running items
+    aborted: set[str] = field(default_factory=set)  # running rids asked to abort
+    abort_requests: list[dict[str, Any]] = field(default_factory=list)
     prefix: PrefixMemory = field(default_factory=PrefixMemory)
     generate_bodies: list[dict[str, Any]] = field(default_factory=list)
     weight_updates: list[dict[str, Any]] = field(default_factory=list)
 
 
 class BadRequest(Exception):
-    """Becomes HTTP 400 {"error": {"message": ...}} as in SGLang's _create_error_response."""
+    """HTTP 400 {"error": {"message": ...}} as in SGLang's _create_error_response ({"error": ...} if plain)."""
+
+    def __init__(self, message: str, plain: bool = False) -> None:
+        super().__init__(message)
+        self.plain = plain
 
 
 def create_app(state: StandinState) -> FastAPI:
@@ -162,7 +188,8 @@ def create_app(state: StandinState) -> FastAPI:
 
     @app.exception_handler(BadRequest)
     async def bad_request(_: Request, exc: BadRequest) -> JSONResponse:
-        return JSONResponse({"error": {"message": str(exc)}}, status_code=400)
+        error = str(exc) if exc.plain else {"message": str(exc)}
+        return JSONResponse({"error": error}, status_code=400)
 
     @app.api_route("/generate", methods=["POST", "PUT"])
     async def generate(request: Request) -> JSONResponse:
@@ -191,6 +218,7 @@ def create_app(state: StandinState) -> FastAPI:
                 raise RuntimeError(state.fail_weight_update)
             if isinstance(state.tokens, ModelTokens):
                 state.tokens.load(body["model_path"])
+            await asyncio.sleep(state.update_delay_s)
         except Exception as exc:
             message = f"Failed to update weights: {exc}.\nRolling back to original weights."
             return JSONResponse({"success": False, "message": message, "num_paused_requests": 0}, 400)
@@ -205,7 +233,30 @@ def create_app(state: StandinState) -> FastAPI:
         if state.inflight:
             return PlainTextResponse("Cache not flushed: requests are running.", status_code=400)
         state.prefix.clear()
-        return PlainTextResponse("Cache flushed.")
+        return PlainTextResponse(FLUSHED)
+
+    @app.post("/abort_request")
+    async def abort_request(request: Request) -> PlainTextResponse:
+        body = await request.json()
+        state.abort_requests.append(body)
+        if body.get("abort_all"):
+            state.aborted |= state.running
+        elif body.get("rid") in state.running:
+            state.aborted.add(str(body["rid"]))
+        return PlainTextResponse("")
+
+    @app.get("/get_server_info")
+    @app.get("/server_info")
+    async def server_info() -> JSONResponse:
+        return JSONResponse(
+            {
+                "context_length": None,  # the launch argument: unset, the model config's length applies
+                "max_req_input_len": _max_input(state),
+                "max_total_num_tokens": 4096,
+                "version": "0.5.23",
+                "weight_version": state.weight_version,
+            }
+        )
 
     @app.post("/pause_generation")
     async def pause(request: Request) -> JSONResponse:
@@ -216,6 +267,15 @@ def create_app(state: StandinState) -> FastAPI:
     async def resume() -> JSONResponse:
         state.paused = False
         return JSONResponse({"status": "resumed"})
+
+    @app.get("/get_model_info")
+    @app.get("/model_info")
+    async def model_info() -> JSONResponse:
+        if not state.healthy:
+            return JSONResponse({"error": "unhealthy"}, status_code=503)
+        return JSONResponse(
+            {"model_path": "standin", "is_generation": True, "weight_version": state.weight_version}
+        )
 
     @app.get("/health")
     @app.get("/health_generate")
@@ -242,10 +302,26 @@ def _expand(body: dict[str, Any], state: StandinState) -> tuple[list[tuple[list[
         raise BadRequest("this stand-in only models logprob_start_len=-1 (output logprobs)")
     for ids, param in zip(batch, params, strict=True):
         _check_item(ids, param, state)
-    return list(zip(batch, params, strict=True)), is_batch
+    rid = body.get("rid")
+    rids = (
+        rid
+        if isinstance(rid, list)
+        else [rid if not is_batch or rid is None else f"{rid}_{i}" for i in range(len(batch))]
+    )
+    return [
+        (ids, {**param, "_rid": rid}) for ids, param, rid in zip(batch, params, rids, strict=True)
+    ], is_batch
+
+
+def _max_input(state: StandinState) -> int:
+    return state.max_req_input_len if state.max_req_input_len is not None else state.context_len - 6
 
 
 def _check_item(ids: list[int], params: dict[str, Any], state: StandinState) -> None:
+    unknown = sorted(set(params) - set(SAMPLING_FIELDS))
+    if unknown:
+        expected = ", ".join(f"`{name}`" for name in SAMPLING_FIELDS)
+        raise BadRequest(f"unknown field `{unknown[0]}`, expected one of {expected}", plain=True)
     if not ids or any(not isinstance(t, int) or t < 0 for t in ids):
         raise BadRequest("input_ids must be a non-empty list of non-negative token ids")
     if state.vocab_size is not None and max(ids) >= state.vocab_size:
@@ -262,11 +338,17 @@ def _check_item(ids: list[int], params: dict[str, Any], state: StandinState) -> 
     for ok, message in checks:
         if not ok:
             raise BadRequest(message)
+    if len(ids) >= _max_input(state):
+        raise BadRequest(
+            f"Input length ({len(ids)} tokens) exceeds the maximum allowed length ({_max_input(state)} "
+            "tokens). Use a shorter input or enable --allow-auto-truncate."
+        )
     if len(ids) + max_new > state.context_len:
         raise BadRequest(
             f"Requested token count exceeds the model's maximum context length of {state.context_len} "
             f"tokens. You requested a total of {len(ids) + max_new} tokens: {len(ids)} tokens from the "
-            f"input messages and {max_new} tokens for the completion."
+            f"input messages and {max_new} tokens for the completion. Please reduce the number of tokens in "
+            "the input messages or the completion to fit within the limit."
         )
 
 
@@ -278,12 +360,19 @@ async def _run_batch(state: StandinState, items: list[tuple[list[int], dict]]) -
     outputs: list[list[tuple[int, float]]] = [[] for _ in items]
     finish: list[dict[str, Any] | None] = [None] * len(items)
     abort_at = [state.abort_plan.pop(0) if state.abort_plan else math.inf for _ in items]
-    for index, (_, params) in enumerate(items):
-        if params.get("max_new_tokens", 128) == 0:
+    rids = [params["_rid"] or uuid.uuid4().hex for _, params in items]
+    state.running.update(rids)
+    for index, (ids, params) in enumerate(items):
+        # SGLang's scheduler cuts max_new_tokens so that input + output stays under context - 1
+        limit = min(params.get("max_new_tokens", 128), state.context_len - 2 - len(ids))
+        items[index] = (ids, {**params, "max_new_tokens": limit})
+        if limit == 0:
             finish[index] = {"type": "length", "length": 0}
     while any(reason is None for reason in finish):
         for index, (_, params) in enumerate(items):
-            if finish[index] is None:
+            if finish[index] is None and rids[index] in state.aborted:
+                finish[index] = {"type": "abort", "message": "Aborted", "status_code": None, "err_type": None}
+            elif finish[index] is None:
                 finish[index] = _step(state, params, streams[index], outputs[index], abort_at[index])
         if state.token_delay_s:
             await asyncio.sleep(state.token_delay_s)
@@ -291,20 +380,32 @@ async def _run_batch(state: StandinState, items: list[tuple[list[int], dict]]) -
             finish = [
                 reason or {"type": "abort", "message": "Abort by pause_generation."} for reason in finish
             ]
+    state.running.difference_update(rids)
+    state.aborted.difference_update(rids)
     answers = []
-    for (ids, _), out, reason, hit in zip(items, outputs, finish, cached, strict=True):
+    for (ids, params), out, reason, hit, rid in zip(items, outputs, finish, cached, rids, strict=True):
         tokens = [t for t, _ in out]
         state.prefix.insert(ids + tokens[:-1] if tokens else ids)  # the last token's KV is never computed
         meta = {
-            "id": uuid.uuid4().hex,
+            "id": rid,
             "finish_reason": reason,
             "prompt_tokens": len(ids),
+            "weight_version": state.weight_version,
+            "num_retractions": 0,
+            "input_token_logprobs": [],
+            "output_token_logprobs": [[lp, t, None] for t, lp in out],
+            "output_token_logprobs_length": len(out),
+            "reasoning_tokens": 0,
             "completion_tokens": len(tokens),
             "cached_tokens": hit,
-            "weight_version": state.weight_version,
-            "output_token_logprobs": [[lp, t, None] for t, lp in out],
+            "weight_versions": [{"version": state.weight_version, "start": 0, "end": len(tokens)}],
+            "cached_tokens_details": {"device": hit, "host": 0} if hit else None,
+            "dp_rank": None,
             "e2e_latency": time.monotonic() - started,
+            "response_sent_to_client_ts": time.time(),
         }
+        if state.warmup_logprob and params.get("max_new_tokens") == 0:
+            meta["output_token_logprobs"] = [[-0.5, 7, None]]
         answers.append({"output_ids": tokens, "meta_info": meta})
     return answers
 

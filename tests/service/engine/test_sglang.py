@@ -104,17 +104,19 @@ async def test_one_request_per_call_logprobs_stop_ids_and_seed() -> None:
                 ],
             )
     bodies = state.generate_bodies
-    assert [body["input_ids"] for body in bodies] == [[[5]], [[10, 11]], [[38]]]  # each its own request
+    assert [body["input_ids"] for body in bodies] == [[5], [10, 11], [38]]  # each its own request
     body = bodies[0]
     assert body["return_logprob"] is True and body["logprob_start_len"] == -1 and body["stream"] is False
-    first, second = bodies[0]["sampling_params"][0], bodies[1]["sampling_params"][0]
+    assert len({body["rid"] for body in bodies}) == 3  # a rid each, for /abort_request
+    first, second = bodies[0]["sampling_params"], bodies[1]["sampling_params"]
     assert first == {"max_new_tokens": 4, "temperature": 0.7, "top_p": 0.9, "top_k": 5, "stop_token_ids": [],
                      "sampling_seed": 7}  # fmt: skip
     assert "sampling_seed" not in second and second["stop_token_ids"] == [14]
     assert [o.output_ids for o in outputs] == [[6, 7, 8, 9], [12, 13, 14], [39, 1, 2, 3, 4, 5, 6, 7]]
     assert [o.finish_reason for o in outputs] == ["length", "stop", "length"]
     assert outputs[1].logprobs == [-1.0 - (t % 7) / 7 for t in (12, 13, 14)]
-    assert all(o.policy_version == 3 for o in outputs)  # numeric weight_version is the policy version
+    # nothing pushed yet: what the worker launched with ("3") is the engine's version 0
+    assert all(o.policy_version == 0 for o in outputs) and engine.policy_version == 0
 
 
 async def test_eos_stops_and_is_kept() -> None:
@@ -168,8 +170,8 @@ async def test_abort_is_resubmitted_with_the_tokens_so_far() -> None:
         async with engine_for(url) as engine:
             (output,) = await generate_all(engine, [GenerateRequest([20], max_new_tokens=6, seed=1)])
     resumed = state.generate_bodies[1]
-    assert resumed["input_ids"] == [[20, 21, 22, 23]]
-    assert resumed["sampling_params"][0]["max_new_tokens"] == 3
+    assert resumed["input_ids"] == [20, 21, 22, 23]
+    assert resumed["sampling_params"]["max_new_tokens"] == 3
     assert output.output_ids == [21, 22, 23, 24, 25, 26] and output.finish_reason == "length"
     assert len(output.logprobs) == 6 and output.extra["num_aborts"] == 1
 
@@ -178,7 +180,7 @@ async def test_abort_retries_are_bounded() -> None:
     state = scripted_state(abort_plan=[1, 1, 1])
     with serve(state, port()) as url:
         async with engine_for(url, max_abort_retries=2) as engine:
-            with pytest.raises(EngineError, match="aborted a request 3 times"):
+            with pytest.raises(EngineError, match=r"aborted a request .*3 times"):
                 await generate_all(engine, [GenerateRequest([20], max_new_tokens=6)])
 
 
@@ -235,9 +237,7 @@ async def test_prefix_routing_keeps_a_tree_on_one_worker() -> None:
         async with engine_for([url_a, url_b], affinity_tokens=4) as engine:
             prompts = [[p, p + 1, p + 2, p + 3] for p in range(1, 21)]
             await generate_all(engine, [GenerateRequest(p + [9] * k, 2) for p in prompts for k in range(3)])
-        per_worker = [
-            {tuple(ids[:4]) for body in s.generate_bodies for ids in body["input_ids"]} for s in states
-        ]
+        per_worker = [{tuple(body["input_ids"][:4]) for body in s.generate_bodies} for s in states]
         async with engine_for([url_a, url_b], routing="round_robin") as engine:
             outputs = await generate_all(engine, [GenerateRequest([7], 2)] * 4)
     assert per_worker[0].isdisjoint(per_worker[1])  # every prompt prefix on exactly one worker
@@ -261,12 +261,25 @@ async def test_bad_requests_raise_engine_request_error(request_, message) -> Non
                 await generate_all(engine, [request_])
 
 
-async def test_context_limit_ends_by_length() -> None:
+async def test_context_limits_come_from_the_server() -> None:
+    """SGLang rejects inputs of max_req_input_len (context - 6) tokens or more: paths end before them."""
     state = scripted_state()
     with serve(state, port()) as url:
         async with engine_for(url) as engine:
-            (output,) = await generate_all(engine, [GenerateRequest([1] * 250, max_new_tokens=50)])
-    assert len(output.output_ids) == 6 and output.finish_reason == "length"
+            with pytest.raises(EngineRequestError, match="exceeds the maximum allowed length"):
+                await engine.generate(GenerateRequest([1] * 250, max_new_tokens=2))  # within the config's 256
+            engine.read_server_limits()
+            assert engine.max_context == 250
+            output = await engine.generate(GenerateRequest([1] * 247, max_new_tokens=50))
+            with pytest.raises(EngineRequestError, match="leaves no room in the 250-token context"):
+                await engine.generate(GenerateRequest([1] * 250, max_new_tokens=2))
+    assert len(output.output_ids) == 3 and output.finish_reason == "length"
+
+
+async def test_unanswered_server_limits_are_a_clear_error() -> None:
+    engine = engine_for(f"http://127.0.0.1:{port()}")
+    with pytest.raises(EngineUnavailable, match="did not answer /get_server_info within 0 s"):
+        engine.read_server_limits(wait_s=0)
 
 
 async def test_unreachable_and_unhealthy_workers() -> None:
@@ -354,3 +367,83 @@ async def test_a_pushed_safetensors_file_is_loaded_as_a_model_dir(model_dirs, tm
     assert loaded == tmp_path / ".policy-v0000002.sglang"
     assert (loaded / "model.safetensors").resolve() == pushed and (loaded / "config.json").exists()
     assert state.weight_version == "2" and state.tokens.model_path == str(loaded)
+
+
+async def test_a_warmup_answered_with_a_logprob_and_no_token_fails_nothing() -> None:
+    """Some SGLang versions answer max_new_tokens=0 with one logprob and no token (defect 2.6)."""
+    state = scripted_state(warmup_logprob=True)
+    with serve(state, port()) as url:
+        async with engine_for(url) as engine:
+            outputs = await generate_all(engine, [GenerateRequest([3, 4, 5], 4, seed=s) for s in range(3)])
+            assert engine.num_warmup_requests == 1
+    assert [len(o.output_ids) for o in outputs] == [4, 4, 4]
+    assert [b["sampling_params"]["max_new_tokens"] for b in state.generate_bodies].count(0) == 1
+
+
+async def test_a_restarted_worker_gets_the_current_weights_again() -> None:
+    """After a restart SGLang serves its launch weights as "default": health says so and re-pushes."""
+    state = scripted_state()
+    with serve(state, port()) as url:
+        async with engine_for(url, model_path=None) as engine:
+            await engine.update_weights("/ckpt/step-3", 3)
+            assert await engine.health() is True
+            state.weight_version = "default"  # the worker restarted
+            assert await engine.health() is False  # not ready until it has the current weights again
+            await engine.admin.resync(url)
+            assert state.weight_updates[-1]["model_path"] == "/ckpt/step-3"
+            assert state.weight_version == "3" and await engine.health() is True
+            state.weight_version = "default"  # restarted again, found by a request this time
+            output = await engine.generate(GenerateRequest([20], 3))
+    assert output.policy_version == 3 and output.extra["num_aborts"] == 1  # the stale answer was dropped
+    assert engine.admin.num_repushes == 2 and len(state.weight_updates) == 3
+
+
+async def test_readiness_holds_while_weights_load() -> None:
+    state = scripted_state(update_delay_s=0.5, healthy=True)
+    with serve(state, port()) as url:
+        async with engine_for(url) as engine:
+            update = asyncio.ensure_future(engine.update_weights("/ckpt/step-1", 1))
+            while not state.weight_updates:
+                await asyncio.sleep(0.005)
+            state.healthy = False  # a worker busy loading may not answer its health routes
+            assert await engine.health() is True
+            await update
+            state.healthy = True
+            assert await engine.health() is True
+
+
+async def test_cancel_aborts_the_request_on_the_worker() -> None:
+    state = scripted_state(token_delay_s=0.01)
+    with serve(state, port()) as url:
+        async with engine_for(url, prefill_first=False) as engine:
+            task = asyncio.ensure_future(engine.generate(GenerateRequest([5], 150)))
+            while not state.running:
+                await asyncio.sleep(0.005)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            while not state.abort_requests:
+                await asyncio.sleep(0.005)
+    assert state.abort_requests == [{"rid": state.generate_bodies[0]["rid"]}]
+    assert engine.num_aborted == 1 and engine.in_flight == 0
+
+
+async def test_seeds_fit_in_31_bits() -> None:
+    """SGLang 0.5.4 overflows int32 on sampling_seed >= 2^31 (defect 2.4)."""
+    state = scripted_state()
+    with serve(state, port()) as url:
+        async with engine_for(url) as engine:
+            await engine.generate(GenerateRequest([5], 2, seed=2**62 + 5))
+    assert state.generate_bodies[0]["sampling_params"]["sampling_seed"] == 5
+
+
+async def test_admin_calls_go_to_the_workers_not_the_generation_url() -> None:
+    """With an sglang-router in front, generation goes to it and weights to each worker (defect 2.3)."""
+    router, worker_b = scripted_state(), scripted_state()
+    with serve(router, port()) as router_url, serve(worker_b, port()) as url_b:
+        async with engine_for(router_url, admin_urls=[router_url, url_b]) as engine:
+            await generate_all(engine, [GenerateRequest([1, 2], 2), GenerateRequest([3, 4], 2)])
+            await engine.update_weights("/ckpt/step-2", 2)
+            assert await engine.health() is True
+    assert len(router.generate_bodies) == 2 and not worker_b.generate_bodies
+    assert [u["weight_version"] for u in router.weight_updates + worker_b.weight_updates] == ["2", "2"]

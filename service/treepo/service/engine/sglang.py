@@ -1,15 +1,17 @@
 """SGLang backend: the `Engine` protocol as an async HTTP client of SGLang's native API.
 
-Talks to one or more `python -m sglang.launch_server --skip-tokenizer-init` workers (or an sglang-router):
-one `POST /generate` with token ids per request, many in flight (SGLang batches them continuously),
-`POST /update_weights_from_disk` on every worker (the router has no weight API), `GET /health`. Wire facts:
-shared/SGLANG.md §1-§5.
+Talks to `python -m sglang.launch_server --skip-tokenizer-init` workers: one `POST /generate` with token ids
+per request, many in flight (SGLang batches them continuously; a cancelled call is aborted on the server).
+Generation goes to `base_urls` (the workers, routed by prefix, or one sglang-router URL); weights, cache
+flushes, versions and health go to `admin_urls` (the workers themselves, see sglang_admin.py). The wire
+format, checked against a real server, is in sglang_wire.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,17 +27,20 @@ from treepo.service.engine.protocol import (
     GenerateOutput,
     GenerateRequest,
 )
+from treepo.service.engine.sglang_admin import WeightUpdateError, WorkerAdmin
 from treepo.service.engine.sglang_wire import (
     PendingRequest,
     Piece,
     check_urls,
-    json_or_text,
     parse_item,
+    parse_warmup,
     raise_for_status,
     read_model_limits,
     sglang_model_dir,
     warmup_item,
 )
+
+__all__ = ["SGLangEngine", "WeightUpdateError"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,27 +54,25 @@ class _Warmup:
     followers: int = 0
 
 
-class WeightUpdateError(EngineError):
-    """At least one worker refused or failed the weight update (its message says why)."""
-
-    reason = "weight_update"
-
-
 class SGLangEngine:
     """Implements the `Engine` protocol over SGLang workers.
 
     Args:
-        base_urls: worker (or sglang-router) base URLs, e.g. "http://127.0.0.1:30000".
+        base_urls: where generation goes: the workers (prefix-routed), or one sglang-router URL.
+        admin_urls: the workers themselves, for weights, flushes, versions and health (the router has no
+            weight routes); None = `base_urls` (no router).
         eos_token_ids: the model's EOS ids; None reads them from `model_path`'s generation_config.json.
         model_path: a local copy of the served model (only its config files are read).
-        max_context: the served context length; None reads max_position_embeddings from `model_path`.
-        timeout_s: per HTTP call (a /generate call lasts as long as its longest segment).
+        max_context: an upper bound on prompt + path tokens; None = the model config's context.
+            `read_server_limits()` lowers it to what the workers accept.
+        timeout_s: per HTTP call (a /generate call lasts as long as its segment).
         api_key / admin_api_key: SGLang's --api-key / --admin-api-key (Bearer tokens).
         prefill_first: send an input that several requests share (sent in the same event-loop tick) once,
             with max_new_tokens=0, before the fan-out: SGLang inserts KV into its radix tree only when a
             request finishes, so copies sent in the same instant would all prefill it.
         routing: "prefix" keeps requests whose first `affinity_tokens` tokens agree on one worker (a tree
             stays on the worker that holds its KV); "round_robin" spreads requests evenly.
+        max_in_flight: /generate calls open at once (more wait here); SGLang queues what it cannot run.
         pause_for_update: pause generation (abort in-flight requests, resubmitted here) around a weight
             update instead of letting SGLang wait for them to drain.
     """
@@ -78,6 +81,7 @@ class SGLangEngine:
         self,
         base_urls: str | Sequence[str],
         *,
+        admin_urls: str | Sequence[str] | None = None,
         eos_token_ids: Sequence[int] | None = None,
         model_path: str | Path | None = None,
         max_context: int | None = None,
@@ -88,10 +92,12 @@ class SGLangEngine:
         routing: Routing = "prefix",
         affinity_tokens: int = 256,
         max_abort_retries: int = 3,
+        max_in_flight: int = 1024,
         pause_for_update: bool = False,
-        use_health_generate: bool = False,
+        health_timeout_s: float = 5.0,
     ) -> None:
         self.base_urls = check_urls(base_urls)
+        self.admin_urls = check_urls(admin_urls) if admin_urls is not None else list(self.base_urls)
         self.model_path = Path(model_path) if model_path is not None else None
         if eos_token_ids is None or max_context is None:
             config_eos, config_context = read_model_limits(model_path)
@@ -101,31 +107,39 @@ class SGLangEngine:
             raise ValueError(f"eos_token_ids must be non-negative token ids (got {eos_token_ids!r})")
         if max_context < 2:
             raise ValueError(f"max_context must be >= 2 tokens (got {max_context})")
-        if timeout_s <= 0 or max_abort_retries < 0 or affinity_tokens < 1:
+        if timeout_s <= 0 or max_abort_retries < 0 or affinity_tokens < 1 or max_in_flight < 1:
             raise ValueError(
-                f"need timeout_s > 0, max_abort_retries >= 0, affinity_tokens >= 1 "
-                f"(got {timeout_s=}, {max_abort_retries=}, {affinity_tokens=})"
+                "need timeout_s > 0, max_abort_retries >= 0, affinity_tokens >= 1, max_in_flight >= 1 "
+                f"(got {timeout_s=}, {max_abort_retries=}, {affinity_tokens=}, {max_in_flight=})"
             )
         if routing not in ("prefix", "round_robin"):
             raise ValueError(f"Unknown routing {routing!r}; expected one of prefix, round_robin")
         self._eos = tuple(int(t) for t in eos_token_ids)
         self._max_context = int(max_context)
-        self._version = 0
         self.prefill_first = prefill_first
         self.routing: Routing = routing
         self.affinity_tokens = affinity_tokens
         self.max_abort_retries = max_abort_retries
-        self.pause_for_update = pause_for_update
-        self._health_path = "/health_generate" if use_health_generate else "/health"
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         admin = admin_api_key or api_key
         self._admin_headers = {"Authorization": f"Bearer {admin}"} if admin else {}
         self._timeout = httpx.Timeout(timeout_s, connect=min(10.0, timeout_s))
+        self._limits = httpx.Limits(max_connections=max_in_flight + 32, max_keepalive_connections=64)
+        self._slots = asyncio.Semaphore(max_in_flight)
         self._client: httpx.AsyncClient | None = None
+        self.admin = WorkerAdmin(
+            self.admin_urls,
+            self._request,
+            pause_for_update=pause_for_update,
+            health_timeout_s=health_timeout_s,
+        )
         self._next_worker = 0
         self._known_cached: list[OrderedDict[int, None]] = [OrderedDict() for _ in self.base_urls]
-        self.num_warmup_requests = 0  # prefill-only requests sent (for tests and benchmarks)
         self._warming: dict[tuple[int, tuple[int, ...]], _Warmup] = {}
+        self._aborts: set[asyncio.Task[None]] = set()
+        self.in_flight = 0  # /generate calls open now
+        self.num_warmup_requests = 0  # prefill-only requests sent (tests, benchmarks)
+        self.num_aborted = 0  # cancelled calls aborted on the server
 
     # Public API
 
@@ -135,18 +149,40 @@ class SGLangEngine:
 
     @property
     def policy_version(self) -> int:
-        return self._version
+        return self.admin.version
 
     @property
     def max_context(self) -> int:
         return self._max_context
+
+    def read_server_limits(self, wait_s: float = 0.0) -> None:
+        """Lower `max_context` to what every worker accepts (its /get_server_info), so paths end before
+        SGLang would reject them; waits up to `wait_s` for workers that are still starting. Blocking."""
+        limit = self.admin.read_limits(self._max_context, wait_s, self._admin_headers)
+        self._max_context = min(self._max_context, limit)
 
     async def generate(self, request: GenerateRequest) -> GenerateOutput:
         """One request on the worker its prefix routes to; copies sent together share one warm-up."""
         self._check_fits(request)
         worker = self._route(request)
         warmup = await self._warm(worker, request) if self.prefill_first else None
-        return await self._generate_on(worker, request, warmup)
+        budget = min(request.max_new_tokens, self._max_context - len(request.input_ids))
+        pending = PendingRequest(request, budget)
+        for _ in range(self.max_abort_retries + 1):
+            if pending.num_aborts:
+                logger.warning("resubmitting an aborted SGLang request with its tokens so far")
+            piece = parse_item(await self._post_generate(worker, pending.next_item()))
+            if not self.admin.accepts(piece.weight_version):  # a restarted worker: its tokens are dropped
+                await self.admin.resync(self.base_urls[worker])
+                pending.num_aborts += 1
+                continue
+            pending.absorb(piece, self.admin.version)
+            if pending.finish is not None:
+                return self._finish(worker, pending, warmup)
+        raise EngineError(
+            f"SGLang worker {self.base_urls[worker]} aborted a request (or served other weights) "
+            f"{self.max_abort_retries + 1} times in a row; raise max_abort_retries or see the worker log"
+        )
 
     async def update_weights(self, path: str, version: int) -> None:
         """Load `path` on every worker (which must see it at the same path); flushes their caches.
@@ -155,30 +191,39 @@ class SGLangEngine:
         SGLang loads directories, so the file gets one beside it (see `sglang_model_dir`).
         """
         model_dir = sglang_model_dir(Path(path), self.model_path)
-        results = await asyncio.gather(
-            *(self._update_worker(worker, model_dir, version) for worker in range(len(self.base_urls))),
-            return_exceptions=True,
-        )
-        for known in self._known_cached:
-            known.clear()
-        failures = [f"{url}: {r}" for url, r in zip(self.base_urls, results, strict=True) if r is not None]
-        if failures:
-            raise WeightUpdateError(
-                f"weight update to version {version} failed on {len(failures)} of {len(self.base_urls)} "
-                f"SGLang workers: " + "; ".join(failures)
-            )
-        self._version = version
+        try:
+            await self.admin.update(model_dir, version)
+        finally:
+            for known in self._known_cached:
+                known.clear()
         logger.info("SGLang workers now serve %s as policy version %d", path, version)
 
     async def health(self) -> bool:
-        """True when every worker answers its health route with 200."""
+        """Every worker serves the current weights (see WorkerAdmin.health); a router answers /health."""
+        routers = [url for url in self.base_urls if url not in self.admin_urls]
         checks = await asyncio.gather(
-            *(self._request("GET", w, self._health_path) for w in range(len(self.base_urls))),
+            self.admin.health(),
+            *(
+                self._request("GET", url + "/health", timeout_s=self.admin.health_timeout_s)
+                for url in routers
+            ),
             return_exceptions=True,
         )
-        return all(isinstance(r, httpx.Response) and r.status_code == 200 for r in checks)
+        workers, *answers = checks
+        return workers is True and all(
+            isinstance(r, httpx.Response) and r.status_code == 200 for r in answers
+        )
+
+    async def flush_cache(self) -> None:
+        """Empty every worker's prefix cache (benchmarks start each run cold)."""
+        await self.admin.flush()
+        for known in self._known_cached:
+            known.clear()
 
     async def aclose(self) -> None:
+        await self.admin.aclose()
+        if self._aborts:
+            await asyncio.gather(*self._aborts, return_exceptions=True)
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -206,26 +251,12 @@ class SGLangEngine:
             return self._next_worker
         return hash(tuple(request.input_ids[: self.affinity_tokens])) % len(self.base_urls)
 
-    async def _generate_on(
-        self, worker: int, request: GenerateRequest, warmup: Piece | None
-    ) -> GenerateOutput:
-        pending = PendingRequest(
-            request, min(request.max_new_tokens, self._max_context - len(request.input_ids))
-        )
-        for _ in range(self.max_abort_retries + 1):
-            if pending.num_aborts:
-                logger.warning("resubmitting an aborted SGLang request with its tokens so far")
-            [item] = await self._post_generate(worker, [pending.next_item()])
-            pending.absorb(parse_item(item))
-            if pending.finish is not None:
-                return self._finish(worker, pending, warmup)
-        raise EngineError(
-            f"SGLang worker {self.base_urls[worker]} aborted a request "
-            f"{self.max_abort_retries + 1} times in a row; raise max_abort_retries or see the worker log"
-        )
-
     async def _warm(self, worker: int, request: GenerateRequest) -> Piece | None:
-        """Prefill an input once when copies of it arrive together; the leader's answer books the cost."""
+        """Prefill an input once when copies of it arrive together; the leader's answer books the cost.
+
+        A warm-up answers with no tokens (some versions add one logprob); a failed one costs only the
+        cache hit: the requests themselves go on.
+        """
         key = (worker, tuple(request.input_ids))
         if hash(key[1]) in self._known_cached[worker]:
             return None
@@ -240,8 +271,10 @@ class SGLangEngine:
             if not entry.followers:
                 return None
             self.num_warmup_requests += 1
-            [item] = await self._post_generate(worker, [warmup_item(list(key[1]), self._eos)])
-            return parse_item(item)
+            return parse_warmup(await self._post_generate(worker, warmup_item(list(key[1]), self._eos)))
+        except EngineError as exc:
+            logger.warning("SGLang warm-up of %d tokens failed (%s); decoding without it", len(key[1]), exc)
+            return None
         finally:
             del self._warming[key]
             entry.done.set_result(None)
@@ -263,7 +296,7 @@ class SGLangEngine:
             finish_reason=pending.finish,
             cached_tokens=cached,
             prefill_tokens=prefill,
-            policy_version=min(pending.versions, default=self._version),  # oldest weights that took part
+            policy_version=min(pending.versions, default=self.admin.version),  # oldest weights that took part
             extra=extra,
         )
 
@@ -274,52 +307,51 @@ class SGLangEngine:
         while len(known) > _KNOWN_CACHED_LIMIT:
             known.popitem(last=False)
 
-    async def _post_generate(self, worker: int, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def _post_generate(self, worker: int, item: dict[str, Any]) -> dict[str, Any]:
+        """One /generate call; cancelling it aborts the request on the worker (POST /abort_request)."""
+        url = self.base_urls[worker]
+        rid = uuid.uuid4().hex
         body = {
-            "input_ids": [item["input_ids"] for item in items],
-            "sampling_params": [item["sampling_params"] for item in items],
+            **item,
+            "rid": rid,
             "return_logprob": True,
-            "logprob_start_len": -1,  # output logprobs only: >= 0 would cap the prefix-cache match (§4)
+            "logprob_start_len": -1,  # output logprobs only: >= 0 would cap the prefix-cache match
             "stream": False,
         }
-        response = await self._request("POST", worker, "/generate", body)
-        raise_for_status(response, self.base_urls[worker])
+        async with self._slots:
+            self.in_flight += 1
+            try:
+                response = await self._request("POST", url + "/generate", body)
+            except asyncio.CancelledError:
+                self._abort(url, rid)
+                raise
+            finally:
+                self.in_flight -= 1
+        raise_for_status(response, url)
         payload = response.json()
-        if isinstance(payload, dict):
-            payload = [payload]
-        if not isinstance(payload, list) or len(payload) != len(items):
-            raise EngineError(
-                f"SGLang worker {self.base_urls[worker]} answered {len(items)} items with {payload!r:.200}"
-            )
+        if not isinstance(payload, dict) or "meta_info" not in payload:
+            raise EngineError(f"SGLang worker {url} answered /generate with {payload!r:.200}")
         return payload
 
-    async def _update_worker(self, worker: int, path: str, version: int) -> None:
-        if self.pause_for_update:
-            raise_for_status(await self._admin_post(worker, "/pause_generation", {"mode": "abort"}), "")
-        try:
-            body = {"model_path": path, "weight_version": str(version), "flush_cache": True}
-            response = await self._admin_post(worker, "/update_weights_from_disk", body)
-        finally:
-            if self.pause_for_update:
-                await self._admin_post(worker, "/continue_generation", {})
-        if response.status_code not in (200, 400):
-            raise_for_status(response, self.base_urls[worker])
-        answer = json_or_text(response)
-        if not (isinstance(answer, dict) and answer.get("success")):
-            message = answer.get("message", answer) if isinstance(answer, dict) else answer
-            raise WeightUpdateError(f"HTTP {response.status_code}: {message}")
-
-    async def _admin_post(self, worker: int, path: str, body: dict[str, Any]) -> httpx.Response:
-        return await self._request("POST", worker, path, body, headers=self._admin_headers)
+    def _abort(self, url: str, rid: str) -> None:
+        """Fire-and-forget abort of `rid` (SGLang also aborts on disconnect, but not while it queues)."""
+        self.num_aborted += 1
+        task = asyncio.ensure_future(self._request("POST", url + "/abort_request", {"rid": rid}, admin=True))
+        self._aborts.add(task)
+        task.add_done_callback(self._aborts.discard)
+        task.add_done_callback(
+            lambda t: t.cancelled() or t.exception()
+        )  # retrieved: a lost abort is harmless
 
     async def _request(
-        self, method: str, worker: int, path: str, body: Any = None, headers: dict[str, str] | None = None
+        self, method: str, url: str, body: Any = None, *, admin: bool = False, timeout_s: float | None = None
     ) -> httpx.Response:
         """One HTTP call; transport failures become `EngineUnavailable`."""
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self._timeout)
-        url = self.base_urls[worker] + path
+            self._client = httpx.AsyncClient(timeout=self._timeout, limits=self._limits)
+        headers = self._admin_headers if admin else self._headers
+        timeout = httpx.Timeout(timeout_s) if timeout_s is not None else httpx.USE_CLIENT_DEFAULT
         try:
-            return await self._client.request(method, url, json=body, headers=headers or self._headers)
+            return await self._client.request(method, url, json=body, headers=headers, timeout=timeout)
         except httpx.TransportError as exc:
             raise EngineUnavailable(f"SGLang worker {url} unreachable: {type(exc).__name__}: {exc}") from exc

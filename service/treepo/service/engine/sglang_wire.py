@@ -1,4 +1,7 @@
-"""SGLang's native wire format (shared/SGLANG.md §1-§2): request items out, response items and errors in."""
+"""SGLang's native wire format: request bodies out, response items, errors and server limits in.
+
+Checked against a real SGLang 0.5.23 server: tests/sglang/fixtures holds the recorded exchanges.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ import httpx
 
 from treepo.service.engine.protocol import EngineError, EngineRequestError, EngineUnavailable, GenerateRequest
 
+SEED_MASK = 2**31 - 1  # SGLang 0.5.4 overflows int32 on sampling_seed >= 2^31; every version accepts these
+
 
 @dataclass(slots=True)
 class Piece:
@@ -23,7 +28,7 @@ class Piece:
     finish: Literal["stop", "length", "abort"]
     cached_tokens: int
     prompt_tokens: int
-    weight_version: int | None
+    weight_version: str  # as the worker reports it: "default" (its launch weights) or the pushed version
 
 
 @dataclass(slots=True)
@@ -44,13 +49,13 @@ class PendingRequest:
         input_ids = self.request.input_ids + self.output_ids
         return generate_item(self.request, input_ids, self.max_new_tokens - len(self.output_ids))
 
-    def absorb(self, piece: Piece) -> None:
+    def absorb(self, piece: Piece, version: int) -> None:
+        """Add a piece sampled with policy `version`."""
         self.output_ids += piece.output_ids
         self.logprobs += piece.logprobs
         self.cached_tokens += piece.cached_tokens
         self.prefill_tokens += max(piece.prompt_tokens - piece.cached_tokens, 0)
-        if piece.weight_version is not None:
-            self.versions.append(piece.weight_version)
+        self.versions.append(version)
         if piece.finish != "abort":
             self.finish = piece.finish
         elif len(self.output_ids) >= self.max_new_tokens:
@@ -60,7 +65,7 @@ class PendingRequest:
 
 
 def generate_item(request: GenerateRequest, input_ids: list[int], max_new_tokens: int) -> dict[str, Any]:
-    """One batch item: `input_ids` and its own sampling_params."""
+    """One request: `input_ids` and its sampling_params."""
     params: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "temperature": request.temperature,
@@ -68,8 +73,8 @@ def generate_item(request: GenerateRequest, input_ids: list[int], max_new_tokens
         "top_k": request.top_k,
         "stop_token_ids": list(request.stop_token_ids),
     }
-    if request.seed is not None:
-        params["sampling_seed"] = request.seed  # honoured with --enable-deterministic-inference (§1.2)
+    if request.seed is not None:  # honoured only with --enable-deterministic-inference (README)
+        params["sampling_seed"] = request.seed & SEED_MASK
     return {"input_ids": input_ids, "sampling_params": params}
 
 
@@ -77,8 +82,21 @@ def warmup_item(input_ids: list[int], eos: tuple[int, ...]) -> dict[str, Any]:
     return {"input_ids": input_ids, "sampling_params": {"max_new_tokens": 0, "stop_token_ids": list(eos)}}
 
 
+def parse_warmup(item: dict[str, Any]) -> Piece:
+    """A prefill-only answer: only its token counts matter (some versions add one logprob and no token)."""
+    meta = item.get("meta_info") or {}
+    return Piece(
+        output_ids=[],
+        logprobs=[],
+        finish="length",
+        cached_tokens=int(meta.get("cached_tokens") or 0),
+        prompt_tokens=int(meta.get("prompt_tokens") or 0),
+        weight_version=str(meta.get("weight_version", "")),
+    )
+
+
 def parse_item(item: dict[str, Any]) -> Piece:
-    """One response object (§1.3): output_ids (or logprob token ids, or old `token_ids`), meta_info."""
+    """One response object: output_ids (or logprob token ids, or old `token_ids`), meta_info."""
     meta = item.get("meta_info") or {}
     token_logprobs = meta.get("output_token_logprobs") or []
     output_ids = item.get("output_ids")
@@ -96,14 +114,13 @@ def parse_item(item: dict[str, Any]) -> Piece:
         raise EngineRequestError(f"SGLang rejected the request: {reason.get('message', reason)}")
     if kind not in ("stop", "length", "abort"):
         raise EngineError(f"SGLang finish_reason {reason!r} is none of stop, length, abort")
-    version = str(meta.get("weight_version", ""))
     return Piece(
         output_ids=[int(t) for t in output_ids],
         logprobs=logprobs,
         finish=kind,
         cached_tokens=int(meta.get("cached_tokens") or 0),
         prompt_tokens=int(meta.get("prompt_tokens") or 0),
-        weight_version=int(version) if version.isdigit() else None,
+        weight_version=str(meta.get("weight_version", "")),
     )
 
 
@@ -124,6 +141,22 @@ def raise_for_status(response: httpx.Response, url: str) -> None:
     if response.status_code in (401, 403):
         raise EngineError(text + " (check api_key / admin_api_key)")
     raise EngineError(text)
+
+
+def context_limit(server_info: dict[str, Any], model_context: int) -> int:
+    """The longest prompt + path a worker serves, from its /get_server_info.
+
+    SGLang 0.5.23 rejects an input of `max_req_input_len` tokens or more (context - 6 by default, lower
+    with a small KV budget) and input + max_new_tokens above the context (0.5.4: at it), and cuts
+    max_new_tokens to context - 2 - input. A path of at most min(max_req_input_len, context - 2) tokens
+    never meets any of these: its last request has input < that limit and asks for what fits.
+    """
+    context = int(server_info.get("context_length") or model_context)
+    max_input = server_info.get("max_req_input_len")
+    limit = context - 2 if max_input is None else min(int(max_input), context - 2)
+    if limit < 2:
+        raise EngineError(f"SGLang serves at most {limit} tokens per request ({server_info=!r:.200})")
+    return limit
 
 
 def json_or_text(response: httpx.Response) -> Any:
