@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from api_helpers import Service
+from safetensors.numpy import save_file
 
 from treepo.client.schema import Tree
 from treepo.service.tinymodel import build_model, build_tokenizer, save_model
@@ -52,9 +54,13 @@ def _check_weight_update(service: Service, model_dir: Path) -> None:
         corrupt = service.settings.weights_dir / "corrupt.safetensors"
         corrupt.write_bytes(b"not a safetensors file")
         refused = http.post("/weights", json={"path": "corrupt.safetensors"})
+        foreign = service.settings.weights_dir / "foreign.safetensors"  # well-formed, another architecture
+        save_file({"other.weight": np.ones(3, dtype=np.float32)}, str(foreign))
+        not_loaded = http.post("/weights", json={"path": "foreign.safetensors"})
         tree = http.post("/rollout_tree", json={"prompts": [{"text": "1+1="}], "tree": TREE}).json()["trees"][
             0
         ]
     assert info.status_code == 200, info.text
-    assert refused.status_code == 422 and "policy_version stays 1" in refused.json()["detail"]
+    assert refused.status_code == 422 and "not a safetensors file" in refused.json()["detail"]
+    assert not_loaded.status_code == 422 and "policy_version stays 1" in not_loaded.json()["detail"]
     assert tree["policy_version"] == 1 and {n["policy_version"] for n in tree["nodes"]} == {1}
