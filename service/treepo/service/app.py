@@ -100,10 +100,12 @@ def _lifespan(settings: Settings, engine_factory: EngineFactory) -> Lifespan:
             yield
         finally:
             await jobs.drain(_grace_left(app, settings))  # accepted trees finish or are left to recovery
-            for task in (loader, maintainer, trimmer):
+            background = (loader, maintainer, trimmer)
+            for task in background:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            _, stuck = await asyncio.wait(background, timeout=5.0)  # a stop never hangs on them
+            for task in stuck:
+                logger.warning("background task %s did not stop within 5 s; leaving it", task.get_name())
             await runtime.close()
             await redis.aclose()
 
