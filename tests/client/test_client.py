@@ -7,7 +7,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from treepo.client import AsyncTreePOClient, RetryPolicy, TreePOClient, TreePOError
 from treepo.client import constants as names
@@ -130,14 +132,14 @@ def test_gives_up_on_429_after_the_bounded_attempts_honouring_retry_after(start,
 
 def test_weights_by_path_and_upload(start, tmp_path: Path) -> None:
     settings = start()
-    (tmp_path / "ckpt.safetensors").write_bytes(b"w1")
+    save_file({"w": np.ones(4, dtype=np.float32)}, str(tmp_path / "ckpt.safetensors"))
     upload = tmp_path / "upload.safetensors"
-    upload.write_bytes(b"w2")
+    save_file({"w": np.full(4, 2.0, dtype=np.float32)}, str(upload))
     with _ready(settings) as client:
         assert client.weights().policy_version == 0
         assert client.update_weights(path="ckpt.safetensors").policy_version == 1
         info = client.update_weights(file=upload, version=5)
-        assert info.policy_version == 5 and Path(info.path).read_bytes() == b"w2"
+        assert info.policy_version == 5 and (tmp_path / info.path).read_bytes() == upload.read_bytes()
         with open(upload, "rb") as handle:
             assert client.update_weights(file=handle).policy_version == 6
         with pytest.raises(TreePOError) as outside:
