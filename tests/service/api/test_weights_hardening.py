@@ -4,6 +4,7 @@ retries of a push."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -202,3 +203,42 @@ def test_readyz_and_503s_hide_server_paths(make_service, tmp_path: Path) -> None
     assert "config.json in policy" in ready.json()["engine_error"]
     assert str(tmp_path) not in ready.text and str(tmp_path) not in sample.text
     assert sample.status_code == 503
+
+
+def test_an_upload_is_streamed_to_disk_while_the_service_keeps_answering(service: Service) -> None:
+    """Mid-upload, the bytes already received are in a temporary file of the uploads dir (not in memory)
+    and the event loop still answers; the finished upload is checked and loaded."""
+    tensor = np.arange(3 * 2**20, dtype=np.float32)  # 12 MiB
+    files = {"file": ("w.safetensors", save({"w": tensor}))}
+    body = httpx.Request("POST", service.url, files=files, data={"version": "1"})
+    content = body.read()
+    seen: dict[str, int] = {}
+
+    def slow_body() -> Iterator[bytes]:
+        yield content[: 6 * 2**20]
+        folder = service.settings.weights_dir / "uploads"
+        deadline = time.monotonic() + 30  # hang guard only
+        while not (incoming := list(folder.glob(".incoming-*"))) or incoming[0].stat().st_size < 4 * 2**20:
+            assert time.monotonic() < deadline, "nothing of the upload reached the disk"
+        seen["on_disk"] = incoming[0].stat().st_size
+        with service.client() as other:
+            seen["healthz"] = other.get("/healthz").status_code
+        yield content[6 * 2**20 :]
+
+    with service.client() as http:
+        answer = http.post(
+            "/weights", content=slow_body(), headers={"content-type": body.headers["content-type"]}
+        )
+    assert answer.status_code == 200, answer.text
+    assert seen["on_disk"] >= 4 * 2**20 and seen["healthz"] == 200
+    assert uploads_on_disk(service) == [Path(answer.json()["path"]).name]
+
+
+def test_a_symlink_out_of_the_weights_dir_is_refused(service: Service, tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere.safetensors"
+    save_file(weights(), str(outside))
+    (service.settings.weights_dir / "link.safetensors").symlink_to(outside)
+    with service.client() as http:
+        answer = http.post("/weights", json={"path": "link.safetensors"})
+    assert answer.status_code == 403 and "outside the weights directory" in answer.json()["detail"]
+    assert_no_server_path(service, answer)
