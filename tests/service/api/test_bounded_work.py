@@ -130,3 +130,11 @@ def test_readyz_answers_when_the_engine_health_check_hangs(make_service) -> None
         while (ready := http.get("/readyz")).json()["engine"] == "loading":
             pass
     assert ready.status_code == 503 and ready.json()["engine"] == "unhealthy"
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_a_body_that_is_not_json_is_a_4xx_not_a_500(service: Service, content_type: str | None) -> None:
+    headers = {"content-type": content_type} if content_type else {}
+    with service.client() as http:
+        answer = http.post("/rollout_tree", content=b"garbage=1", headers=headers)
+    assert 400 <= answer.status_code < 500, answer.text

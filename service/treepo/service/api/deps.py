@@ -44,7 +44,10 @@ async def check_work_budget(request: Request, settings: Annotated[Settings, Depe
     """413 before any work when a rollout request may decode more than `max_request_tokens` tokens
     (prompts x width x tokens per trajectory). Reads the JSON that FastAPI already parsed (Starlette caches
     it); a body the schema refuses is left to the route's 422."""
-    body = await request.json()
+    try:
+        body = await request.json()
+    except ValueError:  # not JSON (another content type, bad bytes): the route's validation answers
+        return
     work = _work(body) if isinstance(body, dict) else None
     if work is None or work[0] <= settings.max_request_tokens:
         return
