@@ -137,4 +137,6 @@ def test_a_body_that_is_not_json_is_a_4xx_not_a_500(service: Service, content_ty
     headers = {"content-type": content_type} if content_type else {}
     with service.client() as http:
         answer = http.post("/rollout_tree", content=b"garbage=1", headers=headers)
+        multipart = http.post("/rollout_tree", files={"prompts": ("p.json", b"[]")})
     assert 400 <= answer.status_code < 500, answer.text
+    assert 400 <= multipart.status_code < 500, multipart.text
