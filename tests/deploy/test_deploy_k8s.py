@@ -211,6 +211,10 @@ def test_gpu_workers_run_the_stock_image_of_the_pinned_sglang() -> None:
     urls = env(service)["TREEPO_SGLANG_URLS"].split(",")
     assert urls == [f"http://sglang-{i}.sglang:{port}" for i in range(workers["spec"]["replicas"])]
     assert env(service)["TREEPO_ENGINE"] == "sglang"
+    startup = c["startupProbe"]
+    assert (
+        float(env(service)["TREEPO_SGLANG_WAIT_S"]) >= startup["periodSeconds"] * startup["failureThreshold"]
+    )
 
 
 def test_gpu_trainer_trains_the_model_sglang_serves() -> None:
