@@ -6,11 +6,12 @@ one, starts its own with `launch`. If SGLang cannot start, the test fails with t
 
 from __future__ import annotations
 
-import socket
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from sglang_helpers import free_port
 
 from treepo.service.engine.sglang_server import SGLangLaunchError, SGLangServer, start_server
 from treepo.service.tinymodel import default_model_path
@@ -18,12 +19,6 @@ from treepo.service.tinymodel import default_model_path
 READY_TIMEOUT_S = 240.0  # ~20 s on a quiet 2-core machine, ~90 s on a busy one
 
 Launch = Callable[..., SGLangServer]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -65,3 +60,8 @@ def ready(server: SGLangServer) -> None:
 def sglang(launch) -> SGLangServer:
     """The shared server: tiny model, float32, 4096 KV tokens. Tests must not assume its weight_version."""
     return launch()
+
+
+@pytest.fixture(scope="session")
+def redis_url_session() -> str:
+    return os.environ.get("TREEPO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
