@@ -447,3 +447,38 @@ async def test_admin_calls_go_to_the_workers_not_the_generation_url() -> None:
             assert await engine.health() is True
     assert len(router.generate_bodies) == 2 and not worker_b.generate_bodies
     assert [u["weight_version"] for u in router.weight_updates + worker_b.weight_updates] == ["2", "2"]
+
+
+async def test_an_unreachable_worker_fails_over_to_the_others() -> None:
+    """Requests routed to a dead worker re-run on a live one; once all are dead the error says so."""
+    dead = f"http://127.0.0.1:{port()}"
+    state = scripted_state()
+    with serve(state, port()) as url:
+        async with engine_for([dead, url], prefill_first=False) as engine:
+            outputs = await generate_all(engine, [GenerateRequest([p, p + 1], 3) for p in range(1, 13)])
+            assert engine._reachable(0) == 1  # the dead worker is routed around for a while
+    assert {o.extra["worker"] for o in outputs} == {url}
+    assert len(state.generate_bodies) == 12 and all(len(o.output_ids) == 3 for o in outputs)
+    async with engine_for([dead, f"http://127.0.0.1:{port()}"]) as engine:
+        with pytest.raises(EngineUnavailable, match="unreachable"):
+            await engine.generate(GenerateRequest([1], 2))
+
+
+async def test_a_version_pushed_by_another_replica_is_adopted_not_reverted() -> None:
+    """Two replicas' engines over the same workers: B sees A's newer version on a worker, catches up with
+    the fleet (which adopts it) instead of re-pushing its own older weights."""
+    states = [scripted_state(), scripted_state()]
+    with serve(states[0], port()) as url_a, serve(states[1], port()) as url_b:
+        async with engine_for([url_a, url_b]) as a, engine_for([url_a, url_b]) as b:
+            await a.update_weights("/ckpt/step-1", 1)
+            b.adopt_weights("/ckpt/step-1", 1)
+            b.share_weights(lambda: _adopt(b, "/ckpt/step-2", 2))
+            await a.update_weights("/ckpt/step-2", 2)  # B has not heard of it yet
+            output = await b.generate(GenerateRequest([5], 3))
+            assert await b.health() is True
+    assert output.policy_version == 2 == b.policy_version and output.extra["num_aborts"] == 1
+    assert [[u["weight_version"] for u in s.weight_updates] for s in states] == [["1", "2"]] * 2
+
+
+async def _adopt(engine: SGLangEngine, path: str, version: int) -> None:
+    engine.adopt_weights(path, version)

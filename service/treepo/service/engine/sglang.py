@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 Routing = Literal["prefix", "round_robin"]
 _KNOWN_CACHED_LIMIT = 65_536  # sequences remembered per worker as "in its radix cache" (a hint only)
+_DOWN_S = 5.0  # an unreachable worker is routed around this long before it is tried again
 
 
 @dataclass(slots=True)
@@ -135,6 +137,7 @@ class SGLangEngine:
         )
         self._next_worker = 0
         self._known_cached: list[OrderedDict[int, None]] = [OrderedDict() for _ in self.base_urls]
+        self._down_until = [0.0 for _ in self.base_urls]
         self._warming: dict[tuple[int, tuple[int, ...]], _Warmup] = {}
         self._aborts: set[asyncio.Task[None]] = set()
         self.in_flight = 0  # /generate calls open now
@@ -171,7 +174,8 @@ class SGLangEngine:
         for _ in range(self.max_abort_retries + 1):
             if pending.num_aborts:
                 logger.warning("resubmitting an aborted SGLang request with its tokens so far")
-            piece = parse_item(await self._post_generate(worker, pending.next_item()))
+            worker, payload = await self._post_failover(worker, pending.next_item())
+            piece = parse_item(payload)
             if not self.admin.accepts(piece.weight_version):  # a restarted worker: its tokens are dropped
                 await self.admin.resync(self.base_urls[worker])
                 pending.num_aborts += 1
@@ -197,6 +201,19 @@ class SGLangEngine:
             for known in self._known_cached:
                 known.clear()
         logger.info("SGLang workers now serve %s as policy version %d", path, version)
+
+    def adopt_weights(self, path: str, version: int) -> None:
+        """Serve `version`, which another service replica already loaded on these (shared) workers: no second
+        load; a worker found on other weights later is re-pushed `path` as usual."""
+        self.admin.version, self.admin.weights = version, sglang_model_dir(Path(path), self.model_path)
+        for known in self._known_cached:
+            known.clear()
+        logger.info("SGLang workers serve %s as policy version %d (pushed by another replica)", path, version)
+
+    def share_weights(self, catch_up: Callable[[], Awaitable[None]]) -> None:
+        """Other service replicas push weights to these workers too: before a worker found serving other
+        weights is re-pushed, `catch_up()` adopts the fleet's version (another replica may have pushed it)."""
+        self.admin.catch_up = catch_up
 
     async def health(self) -> bool:
         """Every worker serves the current weights (see WorkerAdmin.health); a router answers /health."""
@@ -248,8 +265,32 @@ class SGLangEngine:
             return 0
         if self.routing == "round_robin":
             self._next_worker = (self._next_worker + 1) % len(self.base_urls)
-            return self._next_worker
-        return hash(tuple(request.input_ids[: self.affinity_tokens])) % len(self.base_urls)
+            return self._reachable(self._next_worker)
+        return self._reachable(hash(tuple(request.input_ids[: self.affinity_tokens])) % len(self.base_urls))
+
+    def _reachable(self, worker: int) -> int:
+        """`worker`, or the next one not recently found unreachable (all down: `worker`)."""
+        now = time.monotonic()
+        for step in range(len(self.base_urls)):
+            candidate = (worker + step) % len(self.base_urls)
+            if self._down_until[candidate] <= now:
+                return candidate
+        return worker
+
+    async def _post_failover(self, worker: int, item: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """POST `item` to `worker`; if it is unreachable (down, or killed mid-request), to the next workers in
+        turn: the request re-runs there from its tokens so far. EngineUnavailable once every worker failed."""
+        last = len(self.base_urls) - 1
+        for step in range(last + 1):
+            candidate = (worker + step) % len(self.base_urls)
+            try:
+                return candidate, await self._post_generate(candidate, item)
+            except EngineUnavailable as exc:
+                self._down_until[candidate] = time.monotonic() + _DOWN_S
+                if step == last:
+                    raise
+                logger.warning("%s; re-running the request on another worker", exc)
+        raise AssertionError("the last worker's answer or error ends the loop")
 
     async def _warm(self, worker: int, request: GenerateRequest) -> Piece | None:
         """Prefill an input once when copies of it arrive together; the leader's answer books the cost.

@@ -49,6 +49,7 @@ class WorkerAdmin:
         self.num_repushes = 0  # current weights re-pushed to a restarted worker (tests, logs)
         self._lock = asyncio.Lock()  # one push at a time: an update, or a restarted worker's re-push
         self._repushes: dict[str, asyncio.Task[None]] = {}
+        self.catch_up: Callable[[], Awaitable[None]] | None = None  # see SGLangEngine.share_weights
 
     def accepts(self, reported: str) -> bool:
         """Whether a worker reporting `reported` serves the current policy version.
@@ -139,6 +140,8 @@ class WorkerAdmin:
 
     async def _repush(self, url: str) -> None:
         async with self._lock:
+            if self.catch_up is not None:  # the worker may serve what another replica pushed
+                await self.catch_up()
             reported = await self._reported(url)
             if self.accepts(reported) or self.weights is None:
                 return
