@@ -120,6 +120,9 @@ class Settings(BaseSettings):
     swap_wait_s: float = Field(
         default=5.0, ge=0, description="How long a new request waits for a weight swap before 503."
     )
+    fleet_poll_s: float = Field(
+        default=1.0, gt=0, description="How often a replica looks for weights another replica pushed."
+    )
     shutdown_grace_s: float = Field(
         default=30.0, ge=0, description="Time queued work gets to finish on stop."
     )
