@@ -26,8 +26,9 @@ _RETRYABLE = (RedisConnectionError, RedisTimeoutError)
 
 # Lua helpers shared by the admission and trim scripts. The groups whose backlog is the queue depth (and
 # whose acknowledgements allow trimming): the configured training groups that exist, else every group (a
-# trainer with another group name still gets backpressure). A group's backlog is pending + lag; Redis
-# cannot tell the lag after some deletions or an AOF reload: then count what follows its last delivery.
+# trainer with another group name still gets backpressure). A group's backlog is pending + lag, at most the
+# stream length (all of it is in the stream); after deletions or an AOF reload Redis reports the lag as
+# unknown, or too high: then the stream length, which trimming keeps close to the backlog, bounds it.
 TRAINING_GROUPS_LUA = """
 local function training_groups(stream, wanted_names)
   local wanted, all, chosen = {}, {}, {}
@@ -42,9 +43,9 @@ local function training_groups(stream, wanted_names)
   return chosen
 end
 local function group_backlog(stream, g)
-  local lag = g['lag']
-  if not lag then lag = #redis.call('XRANGE', stream, '(' .. g['last-delivered-id'], '+') end
-  return tonumber(g['pending']) + tonumber(lag)
+  local length = redis.call('XLEN', stream)
+  if not g['lag'] then return length end
+  return math.min(tonumber(g['pending']) + tonumber(g['lag']), length)
 end
 """
 
@@ -214,15 +215,15 @@ class TreeQueue:
 
     async def _group_backlog(self, group: dict[str, Any], now_s: float) -> QueueStats:
         pending, lag = int(group["pending"]), group.get("lag")
-        if lag is None:  # Redis cannot tell (e.g. after deletions): count what follows the last delivery
-            lag = len(await self.redis.xrange(self.stream, min=f"({group['last-delivered-id']}", max="+"))
+        length = await self.redis.xlen(self.stream)  # bounds an unknown or too-high lag (TRAINING_GROUPS_LUA)
+        depth = length if lag is None else min(pending + int(lag), length)
         if pending:
             summary = await self.redis.xpending(self.stream, group["name"])
             oldest_id = summary["min"]
         else:
             after = await self.redis.xrange(self.stream, min=f"({group['last-delivered-id']}", count=1)
             oldest_id = after[0][0] if after else None
-        return QueueStats(pending + int(lag), _age(oldest_id, now_s) if oldest_id else 0.0)
+        return QueueStats(depth, _age(oldest_id, now_s) if oldest_id else 0.0)
 
 
 def _seconds(redis_time: tuple[int, int]) -> float:

@@ -73,10 +73,17 @@ def test_failure_records_age_out(redis_url: str, key_prefix: str) -> None:
     client.close()
 
 
-def test_depth_is_right_when_redis_cannot_tell_the_lag(make_service) -> None:
-    """After a deletion past a group's last delivery Redis reports lag nil; the stream length (3) would
-    refuse, the true backlog (2) accepts."""
-    service = make_service(max_queue_depth=3)
+def _trimmed_to(service: Service, stream: str, length: int) -> None:
+    deadline = time.monotonic() + 10
+    while service.redis.xlen(stream) > length:
+        assert time.monotonic() < deadline, "the service never trimmed the acknowledged trees"
+        time.sleep(0.02)
+
+
+def test_depth_when_redis_cannot_tell_the_lag(make_service) -> None:
+    """After a deletion past a group's last delivery Redis reports lag nil: the (trimmed) stream length,
+    2, is the backlog; 2 + 1 fits the limit of 3."""
+    service = make_service(max_queue_depth=3, trim_interval_s=0.05)
     stream = names.trees_stream(service.settings.key_prefix)
     ids = _fill(service.redis, stream, 4)
     service.redis.xgroup_create(stream, names.DEFAULT_GROUP, id="0")
@@ -84,10 +91,34 @@ def test_depth_is_right_when_redis_cannot_tell_the_lag(make_service) -> None:
     service.redis.xack(stream, names.DEFAULT_GROUP, ids[0])
     service.redis.xdel(stream, ids[2])
     assert service.redis.xinfo_groups(stream)[0]["lag"] is None
-    body = {"prompts": [{"text": "1+1="}], "tree": SMALL_TREE, "delivery": "queue"}
+    _trimmed_to(service, stream, 2)
     with service.client() as http:
-        answer = http.post("/rollout_tree", json=body)
+        answer = http.post("/rollout_tree", json={**_inline_body("queue"), "prompts": [{"text": "1+1="}]})
     assert answer.status_code == 202, answer.text
+
+
+def test_depth_when_redis_reports_a_lag_too_high(make_service) -> None:
+    """After an AOF reload Redis can count a group's entries-read from 0 again (its lag then reads too high):
+    the backlog is never more than the stream holds."""
+    service = make_service(max_queue_depth=3, trim_interval_s=0.05)
+    stream = names.trees_stream(service.settings.key_prefix)
+    ids = _fill(service.redis, stream, 4)
+    service.redis.xgroup_create(stream, names.DEFAULT_GROUP, id="0")
+    service.redis.xreadgroup(names.DEFAULT_GROUP, "c1", {stream: ">"}, count=2)
+    service.redis.xack(stream, names.DEFAULT_GROUP, *ids[:2])
+    _trimmed_to(service, stream, 2)
+    service.redis.execute_command("XGROUP", "SETID", stream, names.DEFAULT_GROUP, ids[1], "ENTRIESREAD", 0)
+    assert service.redis.xinfo_groups(stream)[0]["lag"] == 4
+    with service.client() as http:
+        answer = http.post("/rollout_tree", json={**_inline_body("queue"), "prompts": [{"text": "1+1="}]})
+        assert answer.status_code == 202, answer.text
+        deadline = time.monotonic() + 20
+        while service.redis.xlen(stream) < 3:  # the new tree is published
+            assert time.monotonic() < deadline, "the tree never arrived"
+            time.sleep(0.02)
+        metrics = http.get("/metrics").text
+    depth = next(line for line in metrics.splitlines() if line.startswith("treepo_queue_depth_trees "))
+    assert depth == "treepo_queue_depth_trees 3.0"  # 2 unread + 1 new, never 4 + 1
 
 
 def test_redis_gauges_on_metrics(service: Service) -> None:
