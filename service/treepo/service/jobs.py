@@ -104,6 +104,8 @@ class QueueJobs:
             self._track(job.job_id, asyncio.create_task(self._abandon(job, f"unreadable job record: {exc}")))
             return
         logger.info("resuming job %s: %d unfinished trees", job.job_id, len(prompts))
+        self.metrics.jobs_resumed.inc()
+        self.metrics.trees_resumed.inc(len(prompts))
         self.start(loaded, job.job_id, prompts, request)
 
     async def _abandon(self, job: StoredJob, error: str) -> None:

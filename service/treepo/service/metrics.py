@@ -105,6 +105,14 @@ class ServiceMetrics:
             ["stream"],
             registry=r,
         )
+        self.jobs_resumed = Counter(
+            "treepo_queue_jobs_resumed",
+            "Queue jobs taken over after their owner stopped renewing the lease (crash, stop, Redis outage).",
+            registry=r,
+        )
+        self.trees_resumed = Counter(
+            "treepo_queue_trees_resumed", "Unpublished trees of resumed jobs, sampled again.", registry=r
+        )
         self.policy_version = Gauge("treepo_policy_version", "Weights version being sampled.", registry=r)
         self.weight_update_duration = Histogram(
             "treepo_weight_update_duration_seconds",

@@ -53,7 +53,7 @@ def test_job_is_in_redis_before_the_202_and_resumed_by_the_next_service(make_ser
     assert _published(stuck) == []
     assert stuck.redis.zscore(store.leases_key, accepted["request_id"]) == 0
 
-    fresh = make_service()  # same Redis and prefix: a restart or another replica
+    fresh = make_service(job_lease_s=1.0)  # same Redis and prefix: a restart or another replica
     _wait(lambda: len(_published(fresh)) >= 3, "the resumed trees")
     time.sleep(0.3)  # nothing else may arrive
     ids = _published(fresh)
@@ -62,6 +62,11 @@ def test_job_is_in_redis_before_the_202_and_resumed_by_the_next_service(make_ser
         store.todo_key(accepted["request_id"]), store.job_key(accepted["request_id"])
     )
     assert fresh.redis.hlen(store.reserved_key) == 0
+    with fresh.client() as http:
+        metrics = http.get("/metrics").text
+    assert (
+        "treepo_queue_jobs_resumed_total 1.0" in metrics and "treepo_queue_trees_resumed_total 3.0" in metrics
+    )
 
 
 def test_publish_is_at_most_once_per_tree_id(service: Service, key_prefix: str) -> None:
@@ -130,7 +135,7 @@ def test_replay_reports_the_jobs_real_state(make_service) -> None:
     assert replay.json() == first.json() and replay.headers["Job-Remaining-Trees"] == "3"
     stuck.server.stop()
 
-    fresh = make_service()
+    fresh = make_service(job_lease_s=1.0)
     _wait(lambda: len(_published(fresh)) == 3, "the resumed trees")
     with fresh.client() as http:
         done = http.post("/rollout_tree", json=_body(), headers=headers)
@@ -178,8 +183,9 @@ def test_a_live_owner_keeps_its_key_past_the_lease(make_service) -> None:
     assert replay.headers["Idempotent-Replayed"] == "true" and replay.json() == results[0].json()
 
 
-def test_an_unreadable_job_record_becomes_failure_records(service: Service, key_prefix: str) -> None:
+def test_an_unreadable_job_record_becomes_failure_records(make_service, key_prefix: str) -> None:
     """A job another version wrote (or a corrupt record) is not retried for ever: its trees are failed."""
+    service = make_service(job_lease_s=1.0)
     import asyncio
     import json
 
