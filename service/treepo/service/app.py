@@ -23,6 +23,7 @@ from treepo.service.api.middleware import (
 from treepo.service.api.routes import include_routes
 from treepo.service.config import Settings
 from treepo.service.factory import EngineFactory, build_engine
+from treepo.service.fleet import Fleet, FleetFollower
 from treepo.service.jobs import QueueJobs
 from treepo.service.jobstore import JobStore
 from treepo.service.metrics import ServiceMetrics
@@ -93,14 +94,19 @@ def _lifespan(settings: Settings, engine_factory: EngineFactory) -> Lifespan:
         )
         app.state.queue, app.state.runtime, app.state.jobs = queue, runtime, jobs
         app.state.housekeeper = housekeeper
-        loader = asyncio.create_task(runtime.load(), name="engine-load")
+        app.state.weights_store.fleet = fleet = Fleet(redis, settings.key_prefix)
+        app.state.fleet = follower = FleetFollower(
+            fleet, runtime, app.state.weights_store, poll_s=settings.fleet_poll_s
+        )
+        loader = asyncio.create_task(runtime.load(before_ready=follower.start), name="engine-load")
+        following = asyncio.create_task(follower.run(), name="fleet-weights")
         maintainer = asyncio.create_task(jobs.maintain(runtime), name="job-maintenance")
         trimmer = asyncio.create_task(housekeeper.run(settings.trim_interval_s), name="redis-trim")
         try:
             yield
         finally:
             await jobs.drain(_grace_left(app, settings))  # accepted trees finish or are left to recovery
-            background = (loader, maintainer, trimmer)
+            background = (loader, maintainer, trimmer, following)
             for task in background:
                 task.cancel()
             _, stuck = await asyncio.wait(background, timeout=5.0)  # a stop never hangs on them

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -133,8 +133,9 @@ class EngineRuntime:
         self._loaded: Loaded | None = None
         self._update_lock = asyncio.Lock()
 
-    async def load(self) -> None:
-        """Build the engine off the event loop; never raises (the failure is reported by readyz)."""
+    async def load(self, before_ready: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Build the engine off the event loop, then run `before_ready` (the fleet's version); never raises
+        (the failure is reported by readyz)."""
         from treepo.service.sampler import TreeSampler
 
         try:
@@ -149,6 +150,11 @@ class EngineRuntime:
         self._loaded = Loaded(metered=metered, codec=codec, sampler=sampler)
         self.weights = WeightsInfo(policy_version=inner.policy_version)
         self.metrics.policy_version.set(inner.policy_version)
+        if before_ready is not None:
+            try:
+                await before_ready()
+            except Exception:  # reported by readyz through the fleet follower; the engine itself is up
+                logger.exception("could not adopt the fleet's weights at start-up")
         self.state = "ready"
         logger.info("engine ready (max_context=%d)", inner.max_context)
 
@@ -192,6 +198,20 @@ class EngineRuntime:
             self.metrics.policy_version.set(version)
             logger.info("weights %s loaded as policy_version %d", path, version)
             return self.weights
+
+    @property
+    def shares_weights(self) -> bool:
+        """The engine's workers are shared with other replicas (SGLang): a version one replica pushed is
+        served by all, so the others adopt it without loading."""
+        return hasattr(self.loaded.metered.inner, "adopt_weights")
+
+    def adopt(self, path: str, version: int) -> WeightsInfo:
+        """Serve `version`, which another replica loaded on the shared workers (see `shares_weights`)."""
+        self.loaded.metered.inner.adopt_weights(path, version)  # type: ignore[attr-defined]
+        self.weights = WeightsInfo(policy_version=version, path=path, loaded_at=time.time())
+        self.metrics.policy_version.set(version)
+        logger.info("policy_version %d (%s) adopted from the fleet", version, path)
+        return self.weights
 
     async def health(self) -> bool:
         if self._loaded is None:

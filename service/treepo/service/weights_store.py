@@ -4,17 +4,20 @@ uploads, and answers that name files relative to the directory (never an absolut
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
 import uuid
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from treepo.client.schema import WeightsInfo
 from treepo.service.checkpoint import CheckpointError, check_checkpoint, check_file
+from treepo.service.fleet import Fleet, FleetWeights
 from treepo.service.runtime import EngineRuntime, VersionConflict
 
 logger = logging.getLogger(__name__)
@@ -48,11 +51,13 @@ class Upload:
 
 class WeightsStore:
     """Pushes are serialised; the current checkpoint's hash makes a retried push (same version, same
-    content) answer 200 instead of 409; uploads other than the current and previous weights are deleted."""
+    content) answer 200 instead of 409; uploads other than the current and previous weights are deleted.
+    With a `fleet` (set once Redis is up) pushes are serialised across replicas and recorded there."""
 
     def __init__(self, weights_dir: Path) -> None:
         self.root = weights_dir.resolve()
         self.uploads = self.root / UPLOADS
+        self.fleet: Fleet | None = None
         self._lock = asyncio.Lock()
         self._digest: str | None = None  # of the weights loaded as the current policy_version
         self._loaded: deque[Path] = deque(maxlen=2)  # current and previous checkpoints
@@ -96,18 +101,18 @@ class WeightsStore:
     async def push_path(self, runtime: EngineRuntime, raw_path: str, version: int | None) -> WeightsInfo:
         path = self.resolve(raw_path)
         name = path.relative_to(self.root).as_posix() or "."
-        async with self._lock:
+        async with self._pushing(runtime):
             new_version = self._check_version(runtime, version)
             digest = await _checked(path, name)
             if self._is_retry(runtime, version, digest):
-                return runtime.weights
+                return await self._recorded(runtime.weights, digest)
             self._check_fresh(runtime, new_version)
             return await self._swap(runtime, path, new_version, digest)
 
     async def push_upload(self, runtime: EngineRuntime, upload: Upload, version: int | None) -> WeightsInfo:
         """Check, then load the upload under a stable name; it is deleted unless it became the weights."""
         try:
-            async with self._lock:
+            async with self._pushing(runtime):
                 new_version = self._check_version(runtime, version)
                 try:
                     await asyncio.to_thread(check_file, upload.path, "the upload")
@@ -115,7 +120,7 @@ class WeightsStore:
                     raise WeightsRefused(422, str(exc)) from None
                 digest = upload.sha256.hexdigest()
                 if self._is_retry(runtime, version, digest):
-                    return runtime.weights
+                    return await self._recorded(runtime.weights, digest)
                 self._check_fresh(runtime, new_version)
                 final = self.uploads / f"v{new_version:010d}-{digest[:16]}.safetensors"
                 os.replace(upload.path, final)
@@ -126,6 +131,47 @@ class WeightsStore:
                     raise
         finally:
             upload.discard()
+
+    async def adopt(self, runtime: EngineRuntime, record: FleetWeights) -> None:
+        """Serve the fleet's weights, pushed by another replica: shared SGLang workers already serve them
+        (the engine only takes the version), an engine of its own loads them from the weights directory."""
+        if runtime.shares_weights:  # no await between the version check and the swap of numbers
+            self._adopt_shared(runtime, record)
+            return
+        async with self._lock:
+            await self._adopt_own(runtime, record)
+
+    @contextlib.asynccontextmanager
+    async def _pushing(self, runtime: EngineRuntime) -> AsyncIterator[None]:
+        """One push at a time on this replica and, with a fleet, in the fleet; starts from the fleet's version."""
+        async with self._lock:
+            if self.fleet is None:
+                yield
+                return
+            async with self.fleet.locked():
+                record = await self.fleet.read()
+                if record is not None and record.version > runtime.weights.policy_version:
+                    if runtime.shares_weights:
+                        self._adopt_shared(runtime, record)
+                    else:
+                        await self._adopt_own(runtime, record)
+                yield
+
+    def _adopt_shared(self, runtime: EngineRuntime, record: FleetWeights) -> None:
+        if record.version > runtime.weights.policy_version:
+            path = self.root / record.path
+            runtime.adopt(str(path), record.version)
+            self._loaded_now(path, record.digest)
+
+    async def _adopt_own(self, runtime: EngineRuntime, record: FleetWeights) -> None:
+        if record.version > runtime.weights.policy_version:
+            path = self.root / record.path
+            await runtime.update_weights(str(path), record.version)
+            self._loaded_now(path, record.digest)
+
+    def _loaded_now(self, path: Path, digest: str) -> None:
+        self._digest = digest
+        self._loaded.append(path)
 
     def _check_version(self, runtime: EngineRuntime, version: int | None) -> int:
         current = runtime.weights.policy_version
@@ -164,9 +210,15 @@ class WeightsStore:
                 f"the engine could not load the weights ({type(exc).__name__}: {exc}); "
                 f"policy_version stays {runtime.weights.policy_version}",
             ) from None
-        self._digest = digest
-        self._loaded.append(path)
+        self._loaded_now(path, digest)
         self._prune()
+        return await self._recorded(info, digest)
+
+    async def _recorded(self, info: WeightsInfo, digest: str) -> WeightsInfo:
+        """`info` once the fleet records it (a retry records what a Redis error kept from the record)."""
+        if self.fleet is not None and info.path is not None:
+            path = self.public(info).path or "."
+            await self.fleet.record(FleetWeights(version=info.policy_version, path=path, digest=digest))
         return info
 
     def _prune(self) -> None:

@@ -26,18 +26,20 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", responses={503: {"description": "engine not loaded or Redis unreachable"}})
-async def readyz(runtime: RuntimeDep, queue: QueueDep) -> JSONResponse:
-    """Ready when the engine is loaded and healthy and Redis answers."""
+async def readyz(request: Request, runtime: RuntimeDep, queue: QueueDep) -> JSONResponse:
+    """Ready when the engine is loaded and healthy, serves the fleet's policy_version, and Redis answers."""
     engine_ok = runtime.state == "ready" and await _engine_health(runtime)
     redis_ok = await queue.ping()
+    fleet_error = request.app.state.fleet.error
     body = {
         "engine": runtime.state if runtime.state != "ready" or engine_ok else "unhealthy",
         "engine_error": redact_paths(runtime.error) if runtime.error else None,
         "redis": "ok" if redis_ok else "unreachable",
         "policy_version": runtime.weights.policy_version,
         "swapping_weights": runtime.gate.is_swapping,
+        "fleet": redact_paths(fleet_error) if fleet_error else "ok",
     }
-    ready = engine_ok and redis_ok
+    ready = engine_ok and redis_ok and fleet_error is None
     headers = None if ready else {"Retry-After": str(runtime.settings.retry_after_s)}
     return JSONResponse({"ready": ready, **body}, status_code=200 if ready else 503, headers=headers)
 

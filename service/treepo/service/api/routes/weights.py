@@ -13,6 +13,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from treepo.client.schema import ErrorBody, WeightsInfo
 from treepo.service.api.deps import RuntimeDep
 from treepo.service.api.errors import ApiError
+from treepo.service.fleet import FleetBusy
 from treepo.service.weights_store import (
     MAX_PATH_CHARS,
     MAX_POLICY_VERSION,
@@ -60,7 +61,11 @@ _OPENAPI = {
 _RESPONSES: dict[int | str, dict] = {
     200: {"description": "loaded (or already loaded: a retry with the same version and content)"},
     403: {"model": ErrorBody, "description": "path outside the weights directory"},
-    409: {"model": ErrorBody, "description": "version not above the current policy_version"},
+    409: {
+        "model": ErrorBody,
+        "description": "version not above the fleet's policy_version (final), or another replica is pushing "
+        "weights (with Retry-After)",
+    },
     413: {"model": ErrorBody, "description": "JSON body or upload over the configured limit"},
     422: {
         "model": ErrorBody,
@@ -80,7 +85,8 @@ StoreDep = Annotated[WeightsStore, Depends(get_store)]
 
 @router.get("", response_model=WeightsInfo)
 async def get_weights(runtime: RuntimeDep, store: StoreDep) -> WeightsInfo:
-    """The policy_version being sampled and its checkpoint (relative to the weights directory)."""
+    """The fleet's policy_version, which this replica samples, and its checkpoint (relative to the weights
+    directory)."""
     return store.public(runtime.weights)
 
 
@@ -101,6 +107,9 @@ async def update_weights(request: Request, runtime: RuntimeDep, store: StoreDep)
             info = await store.push_path(runtime, update.path, update.version)
     except WeightsRefused as exc:
         raise ApiError(exc.status, exc.detail, reason="invalid") from None
+    except FleetBusy as exc:
+        retry = request.app.state.settings.retry_after_s
+        raise ApiError(409, f"{exc}; retry after the Retry-After delay", retry_after_s=retry) from None
     return store.public(info)
 
 
