@@ -299,3 +299,32 @@ async def test_greedy_matches_transformers_generate_on_cuda(tiny_model_path, ref
     for _ in range(2):  # cold, then warm
         outs = await generate_all(engine, [greedy(p) for p in PROMPTS])
         assert [o.output_ids for o in outs] == expected
+
+
+@pytest.mark.parametrize("architecture", ["qwen3", "llama"])
+async def test_other_llama_style_architectures_match_transformers(tmp_path, architecture):
+    """Qwen3 (per-head q/k RMSNorm, no qkv bias) and Llama run through the same packed-weight step."""
+    from transformers import (
+        AutoModelForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
+
+    config_class, model_class = {
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+        "llama": (LlamaConfig, LlamaForCausalLM),
+    }[architecture]
+    torch.manual_seed(0)
+    config = config_class(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=256, initializer_range=0.2,
+        eos_token_id=EOS, pad_token_id=0, bos_token_id=2,
+    )  # fmt: skip
+    model_class(config).save_pretrained(tmp_path)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    engine = EmbeddedEngine(tmp_path, max_running_rows=4)
+    outs = await generate_all(engine, [greedy(p, 8) for p in PROMPTS])
+    assert [o.output_ids for o in outs] == [hf_greedy(reference, p, 8) for p in PROMPTS]
+    engine.close()

@@ -1,7 +1,9 @@
 """Per-row slot tables into the KV pool, owned together with the radix tree (the prefix cache).
 
 A running row's table lists the pool slot of each of its tokens in order: first the cached prefix (slots
-owned by the tree, locked while the row runs), then slots the row allocated for tokens it computed. When
+owned by the tree, locked while the row runs), then slots the row allocated for tokens it computed. The
+tables are the lines of one (max_rows, max_row_tokens) int32 matrix, so a step's key slots are one
+`index_select` and a decode step's new slots one indexed store. When
 the row's input is computed it goes into the tree (siblings arriving later hit it); when the row stops,
 its whole sequence does. Admission reserves the worst case (input + max_new_tokens) against the KV token
 budget, so a step's allocation never fails: it only evicts unlocked cache.
@@ -23,10 +25,22 @@ logger = logging.getLogger(__name__)
 class BlockManager:
     """Slot tables, locks and the KV token budget of the running rows."""
 
-    def __init__(self, capacity: int, shape: KVShape, *, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        capacity: int,
+        shape: KVShape,
+        *,
+        max_rows: int,
+        max_row_tokens: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.pool = KVPool(capacity, shape, device=device)
         self.radix = RadixCache(on_evict=self.pool.free)
-        self.tables: dict[int, torch.Tensor] = {}  # seq_id -> (max_slots,) int64 slots
+        width = min(max_row_tokens, capacity)
+        self.slot_table = torch.zeros((max_rows, width), dtype=torch.int32)  # (rows, tokens), CPU
+        self._free_rows = list(range(max_rows - 1, -1, -1))
+        self.table_row: dict[int, int] = {}  # seq_id -> its line in slot_table
+        self.tables: dict[int, torch.Tensor] = {}  # seq_id -> its line (a view)
         self._locked: dict[int, TreeNode] = {}  # seq_id -> the tree node its cached prefix ends at
         self._tree_length: dict[int, int] = {}  # seq_id -> leading table entries owned by the tree
         self._allocated: dict[int, int] = {}  # seq_id -> table entries filled so far
@@ -45,8 +59,11 @@ class BlockManager:
         if need > self.pool.num_free + self.radix.evictable_size - self.num_reserved:
             self.radix.dec_lock_ref(match.last_node)
             return False
-        table = torch.zeros(seq.max_slots, dtype=torch.int64)
+        assert self._free_rows and seq.max_slots <= self.slot_table.shape[1], f"{seq.max_slots=}"
+        table_row = self._free_rows.pop()
+        table = self.slot_table[table_row]
         table[:cached] = match.indices[:cached]
+        self.table_row[seq.seq_id] = table_row
         self.tables[seq.seq_id] = table
         self._locked[seq.seq_id] = match.last_node
         self._tree_length[seq.seq_id] = self._allocated[seq.seq_id] = cached
@@ -61,15 +78,22 @@ class BlockManager:
             self.radix.evict(total - self.pool.num_free)
         slots = self.pool.alloc(total)
         assert slots is not None, f"{total=} {self.pool.num_free=} {self.num_reserved=}"
+        single_rows, single_cols, single_at = [], [], []  # rows fed one token: one indexed store
         start = 0
         for seq in rows:
-            begin = self._allocated[seq.seq_id]
+            begin, count = self._allocated[seq.seq_id], seq.num_scheduled
             assert begin == seq.num_computed, f"{begin=} {seq.num_computed=}"
-            self.tables[seq.seq_id][begin : begin + seq.num_scheduled] = slots[
-                start : start + seq.num_scheduled
-            ]
-            self._allocated[seq.seq_id] = begin + seq.num_scheduled
-            start += seq.num_scheduled
+            if count == 1:
+                single_rows.append(self.table_row[seq.seq_id])
+                single_cols.append(begin)
+                single_at.append(start)
+            else:
+                self.tables[seq.seq_id][begin : begin + count] = slots[start : start + count]
+            self._allocated[seq.seq_id] = begin + count
+            start += count
+        if single_rows:
+            fed = slots if len(single_at) == total else slots[single_at]
+            self.slot_table[single_rows, single_cols] = fed.to(torch.int32)
         self.num_reserved -= total
         self.num_owned += total
         self.peak_active_tokens = max(self.peak_active_tokens, self.num_active_tokens)
@@ -94,6 +118,7 @@ class BlockManager:
             self.num_owned -= allocated - computed
         self.radix.dec_lock_ref(self._locked.pop(seq_id))
         self.num_reserved -= seq.max_slots - allocated
+        self._free_rows.append(self.table_row.pop(seq_id))
         del self.tables[seq_id], self._tree_length[seq_id]
 
     def flush(self) -> None:
@@ -113,9 +138,9 @@ class BlockManager:
         """Insert the row's first `length` tokens; rows owning duplicates free them and use the tree's."""
         seq_id, table = seq.seq_id, self.tables[seq.seq_id]
         owned_from = self._tree_length[seq_id]
-        present = self.radix.insert(seq.token_ids[:length], table[:length])
+        present = self.radix.insert(seq.token_ids[:length], table[:length].long())
         if present > owned_from:  # another row cached these tokens meanwhile
-            self.pool.free(table[owned_from:present].clone())
+            self.pool.free(table[owned_from:present].long())
         match = self.radix.match_prefix(seq.token_ids[:length])
         assert match.length == length, f"{match.length=} {length=}"
         table[:length] = match.indices

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import math
 import secrets
@@ -25,7 +26,8 @@ from typing import Any
 import torch
 
 from treepo.service.engine.block_manager import BlockManager
-from treepo.service.engine.model_runner import ModelRunner, RowStep, kv_shape
+from treepo.service.engine.forward_batch import build_batch
+from treepo.service.engine.model_runner import ModelRunner, kv_shape
 from treepo.service.engine.protocol import EngineError, EngineRequestError, GenerateOutput, GenerateRequest
 from treepo.service.engine.scheduler import Scheduler, SchedulerConfig
 from treepo.service.engine.sequence import Sequence as Row
@@ -56,11 +58,13 @@ class EmbeddedEngine:
         dtype: torch.dtype | None = None,
         max_kv_tokens: int = 65_536,
         max_running_rows: int = 256,
-        max_step_tokens: int = 2048,
+        max_step_tokens: int | None = None,
         eos_token_ids: Sequence[int] | None = None,
     ) -> None:
-        """`eos_token_ids` overrides the generation config (`()`: never stop on EOS, for benchmarks)."""
-        config = SchedulerConfig(max_running_rows=max_running_rows, max_step_tokens=max_step_tokens)
+        """`eos_token_ids` overrides the generation config (`()`: never stop on EOS, for benchmarks);
+        `max_step_tokens` (tokens fed per forward) defaults to max(2048, max_running_rows)."""
+        step_tokens = max_step_tokens or max(2048, max_running_rows)
+        config = SchedulerConfig(max_running_rows=max_running_rows, max_step_tokens=step_tokens)
         self.model = _load_model(model_path, device, dtype)
         self.device = torch.device(device)
         text_config = self.model.config.get_text_config(decoder=True)
@@ -68,10 +72,19 @@ class EmbeddedEngine:
         self._max_context = int(getattr(text_config, "max_position_embeddings", 0) or 1_000_000)
         self._eos = tuple(eos_token_ids) if eos_token_ids is not None else _eos_token_ids(self.model)
         model_dtype = next(self.model.parameters()).dtype
-        self.blocks = BlockManager(max_kv_tokens, kv_shape(self.model, model_dtype), device=self.device)
+        self.blocks = BlockManager(
+            max_kv_tokens,
+            kv_shape(self.model, model_dtype),
+            max_rows=max_running_rows,
+            max_row_tokens=self._max_context,
+            device=self.device,
+        )
         self.runner = ModelRunner(self.model, self.blocks.pool)
         self.scheduler = Scheduler(self.blocks, config)
         self.counters = EngineCounters()
+        self._dtype = model_dtype
+        self._sampling_key: tuple[int, ...] = ()
+        self._sampling_params: SamplingBatch | None = None
         self._version = 0
         self._inbox: deque[tuple[str, Any]] = deque()  # commands to the worker, appended from any thread
         self._wake = threading.Event()
@@ -217,32 +230,40 @@ class EmbeddedEngine:
 
     def _forward(self, rows: list[Row]) -> dict[int, tuple[int, float]]:
         """One model step over `rows`; returns seq_id -> (token, logprob) for the rows that sampled."""
-        self.blocks.allocate_step(rows)
-        steps = []
-        for row in rows:
-            end = row.num_computed + row.num_scheduled
-            table = self.blocks.tables[row.seq_id][:end]
-            steps.append(
-                RowStep(
-                    row.token_ids[row.num_computed : end], row.num_computed, table, end == len(row.token_ids)
-                )
-            )
-        logits = self.runner.step(steps)  # (R, V)
-        sampling = [row for row, step in zip(rows, steps, strict=True) if step.wants_logits]
+        write_slots = self.blocks.allocate_step(rows)
+        table_rows = [self.blocks.table_row[row.seq_id] for row in rows]
+        batch = build_batch(
+            rows, table_rows, self.blocks.slot_table, write_slots, dtype=self._dtype, device=self.device
+        )
+        logits = self.runner.step(batch)  # (R, V)
+        sampling = [row for row in rows if row.num_computed + row.num_scheduled == len(row.token_ids)]
         if not sampling:
             return {}
-        uniforms = [[row.uniforms[len(row.output_ids)] if row.uniforms else 0.0] for row in sampling]
-        batch = SamplingBatch.from_rows(
-            [row.temperature for row in sampling],
-            [row.top_p for row in sampling],
-            [row.top_k for row in sampling],
-            torch.tensor(uniforms),
-            vocab_size=self.vocab_size,
-            device=self.device,
-        )
-        tokens, logprobs = sample_next(logits, batch)
+        tokens, logprobs = sample_next(logits, self._sampling_batch(sampling))
         pairs = zip(tokens.tolist(), logprobs.tolist(), strict=True)
         return {row.seq_id: pair for row, pair in zip(sampling, pairs, strict=True)}
+
+    def _sampling_batch(self, rows: list[Row]) -> SamplingBatch:
+        """The rows' sampling parameters (kept while the sampling rows are unchanged) and next uniforms."""
+        key = tuple(row.seq_id for row in rows)
+        if self._sampling_key != key:
+            self._sampling_key = key
+            self._sampling_params = SamplingBatch.from_rows(
+                [row.temperature for row in rows],
+                [row.top_p for row in rows],
+                [row.top_k for row in rows],
+                torch.zeros((len(rows), 1)),
+                vocab_size=self.vocab_size,
+                device=self.device,
+            )
+        params = self._sampling_params
+        params.step = 0  # sample_next advances it
+        if params.is_all_greedy:
+            return params
+        uniforms = [
+            [row.uniforms[len(row.token_ids) - row.num_input_tokens] if row.uniforms else 0.0] for row in rows
+        ]
+        return dataclasses.replace(params, uniforms=torch.tensor(uniforms).to(self.device))
 
     def _maybe_update_weights(self) -> None:
         if self._update is None or self.scheduler.running:

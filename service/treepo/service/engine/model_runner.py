@@ -1,13 +1,13 @@
 """One forward step of a Llama-style decoder (Qwen2, Qwen3, Llama) over the KV pool, on the HF module weights.
 
-A step feeds the rows' new tokens flattened, (T,), through the projections, RoPE, RMSNorm and MLP of the
-loaded `transformers` model. Per layer the new keys/values of all rows are written into their pool slots
-in one indexed store, then each row attends over its slot table: keys and values are index-selected from
-the pool per layer (no per-call copy of prefixes is kept), padded to the longest row, and fed to
-`scaled_dot_product_attention` with a mask that allows key j for a query at position p iff j <= p.
-Decoding rows (one query each) and prefilling rows (a chunk each) are two attention groups of one step.
-Why this and not transformers' forward: it takes slot tables directly, so nothing but the pool holds KV;
-the README's engine section measures it against `generate`.
+A step feeds the rows' new tokens flattened, (T,), through the loaded `transformers` model's weights with
+plain tensor ops (no module calls but the embedding, so a step is ~20 kernels per layer). Per layer the
+new keys/values of all rows are written into their pool slots in one `index_copy_`, then each attention
+group (decoding rows, one query each; prefilling rows, a chunk each) reads its rows' K/V with one
+`index_select` over its (B, K) slot matrix and runs `scaled_dot_product_attention` with an additive mask
+(key j visible to a query at position p iff j <= p). The README's engine section has the measurement
+behind this choice (vs advanced indexing, a bool mask, manual attention and FlexAttention).
+Why not transformers' forward: it takes slot tables directly, so nothing but the pool holds KV.
 """
 
 from __future__ import annotations
@@ -18,30 +18,26 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from treepo.service.engine.kv_pool import PAD_SLOT, KVPool, KVShape
+from treepo.service.engine.forward_batch import AttentionGroup, ForwardBatch
+from treepo.service.engine.kv_pool import KVPool, KVShape
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
-class RowStep:
-    """What one row feeds in a step: its new tokens, where they start, and its slot table so far."""
+class _Layer:
+    """One decoder layer's weights; qkv and gate/up are packed (the modules' parameters are views of them)."""
 
-    token_ids: list[int]
-    start: int  # position of token_ids[0]
-    slots: torch.Tensor  # (start + len(token_ids),) int64: the row's slot table up to its last new token
-    wants_logits: bool  # the last new token ends the row's known tokens: sample from it
-
-
-@dataclass(slots=True)
-class _Group:
-    """Rows attended together: query index into the flat tokens, key slots and mask, padded."""
-
-    query_index: torch.Tensor  # (B, Q) index into the step's flat tokens (0 where padded)
-    query_valid: torch.Tensor  # (B, Q) bool
-    key_slots: torch.Tensor  # (B, K) pool slots (PAD_SLOT where padded)
-    mask: torch.Tensor  # (B, 1, Q, K) bool: True = attend
-    is_whole_step: bool = False  # one query per row covering the step's tokens in order (pure decode)
+    input_norm: torch.Tensor
+    qkv_weight: torch.Tensor  # ((H + 2 Hkv) D, C)
+    qkv_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None  # Qwen3: RMSNorm over head_dim
+    k_norm: torch.Tensor | None
+    o_weight: torch.Tensor
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor
+    gate_up_weight: torch.Tensor  # (2 I, C)
+    down_weight: torch.Tensor
 
 
 def kv_shape(model: torch.nn.Module, dtype: torch.dtype) -> KVShape:
@@ -57,112 +53,149 @@ class ModelRunner:
 
     def __init__(self, model: torch.nn.Module, pool: KVPool) -> None:
         _check_architecture(model)
+        config = model.config.get_text_config(decoder=True)
         self.model = model
         self.pool = pool
         self.device = next(model.parameters()).device
         self.decoder = model.model
-        self.num_heads = int(model.config.get_text_config(decoder=True).num_attention_heads)
+        shape = pool.shape
+        self.num_heads, self.num_kv_heads = int(config.num_attention_heads), shape.num_kv_heads
+        self.eps = float(config.rms_norm_eps)
+        self.scaling = float(self.decoder.layers[0].self_attn.scaling)
+        self.act = F.silu if config.hidden_act == "silu" else self.decoder.layers[0].mlp.act_fn
+        self.layers = [_pack(layer) for layer in self.decoder.layers]
+        self._rope_cos = self._rope_sin = torch.empty(0)  # (N, D) for positions < N, grown on demand
         self.num_computed_tokens = 0  # real tokens passed through the model, prefill + decode
         self.num_forward_passes = 0
 
     @torch.inference_mode()
-    def step(self, rows: list[RowStep]) -> torch.Tensor:
-        """Feed every row's new tokens; returns the logits (R, V) of the rows with `wants_logits`, in order."""
-        token_ids = torch.tensor([t for row in rows for t in row.token_ids], device=self.device)  # (T,)
-        positions = torch.cat([torch.arange(r.start, r.start + len(r.token_ids)) for r in rows]).to(
-            self.device
-        )
-        write_slots = torch.cat([row.slots[row.start :] for row in rows]).to(self.device)  # (T,)
-        groups = self._groups(rows)
-        hidden = self.decoder.embed_tokens(token_ids)  # (T, C)
-        cos, sin = self.decoder.rotary_emb(hidden[None], positions[None])  # (1, T, D) each
-        rope = (cos[0, :, None, :], sin[0, :, None, :])  # (T, 1, D): broadcast over heads
-        for index, layer in enumerate(self.decoder.layers):
-            attn_in = layer.input_layernorm(hidden)
-            hidden = hidden + self._attention(index, layer.self_attn, attn_in, rope, write_slots, groups)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        ends = torch.tensor(_ends(rows), device=self.device, dtype=torch.int64)
-        last = self.decoder.norm(hidden[ends])  # (R, C)
-        self.num_computed_tokens += int(token_ids.numel())
+    def step(self, batch: ForwardBatch) -> torch.Tensor:
+        """Feed the batch's tokens; returns the logits (R, V) at `batch.logits_index`, in order."""
+        hidden = self.decoder.embed_tokens(batch.input_ids)  # (T, C)
+        rope = self._rope(batch.positions, batch.max_position, hidden.dtype)
+        for index, layer in enumerate(self.layers):
+            attn_in = _rms_norm(hidden, layer.input_norm, self.eps)
+            hidden = hidden.add_(self._attention(index, layer, attn_in, rope, batch))
+            mlp_in = _rms_norm(hidden, layer.post_norm, self.eps)
+            gate, up = F.linear(mlp_in, layer.gate_up_weight).chunk(2, dim=-1)  # (T, I) each
+            hidden = hidden.add_(F.linear(self.act(gate).mul_(up), layer.down_weight))
+        last = _rms_norm(hidden.index_select(0, batch.logits_index), self.decoder.norm.weight, self.eps)
+        self.num_computed_tokens += int(batch.input_ids.numel())
         self.num_forward_passes += 1
-        return self.model.lm_head(last)
+        return self.model.lm_head(last)  # (R, V)
 
     # Internal helpers
 
-    def _attention(self, layer_index, attn, x, rope, write_slots, groups) -> torch.Tensor:
-        num_tokens, head_dim = x.shape[0], attn.head_dim
-        q = attn.q_proj(x).view(num_tokens, -1, head_dim)  # (T, H, D)
-        k = attn.k_proj(x).view(num_tokens, -1, head_dim)  # (T, Hkv, D)
-        v = attn.v_proj(x).view(num_tokens, -1, head_dim)
-        if hasattr(attn, "q_norm"):  # Qwen3
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = _rotate(q, *rope), _rotate(k, *rope)
-        self.pool.write(layer_index, write_slots, k, v)  # in place: the rows read them back below
-        out = torch.empty_like(q)  # (T, H, D)
-        keys, values = self.pool.keys[layer_index], self.pool.values[layer_index]  # (S, Hkv, D)
-        for group in groups:
-            # (B, H, Q, D); a decode-only step needs no gather or scatter back
-            query = q[:, :, None, :] if group.is_whole_step else q[group.query_index].transpose(1, 2)
-            key = keys[group.key_slots].transpose(1, 2).to(q.dtype)  # (B, Hkv, K, D)
-            value = values[group.key_slots].transpose(1, 2).to(q.dtype)
-            attended = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=group.mask, scale=attn.scaling, enable_gqa=True
-            )  # (B, H, Q, D)
-            if group.is_whole_step:
-                return attn.o_proj(attended[:, :, 0].reshape(num_tokens, -1))  # (T, C)
-            out[group.query_index[group.query_valid]] = attended.transpose(1, 2)[group.query_valid]
-        return attn.o_proj(out.view(num_tokens, -1))  # (T, C)
+    def _attention(self, index: int, layer: _Layer, x, rope, batch: ForwardBatch) -> torch.Tensor:
+        num_tokens, heads, kv_heads = x.shape[0], self.num_heads, self.num_kv_heads
+        qkv = F.linear(x, layer.qkv_weight, layer.qkv_bias).view(num_tokens, heads + 2 * kv_heads, -1)
+        qk = qkv[:, : heads + kv_heads]  # (T, H + Hkv, D); then v (T, Hkv, D)
+        if layer.q_norm is not None:  # Qwen3: per-head RMSNorm of q and k before RoPE
+            q_normed = _rms_norm(qk[:, :heads], layer.q_norm, self.eps)
+            qk = torch.cat((q_normed, _rms_norm(qk[:, heads:], layer.k_norm, self.eps)), dim=1)
+        qkv[:, : heads + kv_heads] = _rotate(qk, *rope)  # q and k rotated together, in place
+        q = qkv[:, :heads]  # (T, H, D)
+        self.pool.write(index, batch.write_slots, qkv[:, heads:].view(num_tokens, 2, kv_heads, -1))
+        parts = [self._attend(index, q, group) for group in batch.groups]
+        if batch.is_whole_decode:
+            out = parts[0]  # (T, H, D): one query per row, in the step's token order
+        else:
+            out = q.new_empty(q.shape)  # (T, H, D)
+            for group, part in zip(batch.groups, parts, strict=True):
+                out[group.flat_index] = part
+        return F.linear(out.reshape(num_tokens, -1), layer.o_weight, layer.o_bias)  # (T, C)
 
-    def _groups(self, rows: list[RowStep]) -> list[_Group]:
-        """Decoding rows (1 query) in one group, prefilling rows (chunks) in another."""
-        offsets, offset = [], 0
-        for row in rows:
-            offsets.append(offset)
-            offset += len(row.token_ids)
-        single = [i for i, row in enumerate(rows) if len(row.token_ids) == 1]
-        chunks = [i for i, row in enumerate(rows) if len(row.token_ids) > 1]
-        parts = [part for part in (single, chunks) if part]
-        groups = [self._group([rows[i] for i in part], [offsets[i] for i in part]) for part in parts]
-        groups[0].is_whole_step = not chunks
-        return groups
+    def _attend(self, index: int, q: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
+        """Attention of the group's queries over its rows' pool slots: (group tokens, H, D) in flat order."""
+        kv = self.pool.read(index, group.key_slots)  # (B, K, 2, Hkv, D)
+        key, value = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (B, Hkv, K, D)
+        if group.token_index is None:  # decode: one query per row
+            rows_q = q if group.flat_index is None else q.index_select(0, group.flat_index)  # (B, H, D)
+            query = rows_q[:, :, None, :]  # (B, H, 1, D)
+        else:
+            query = q[group.token_index].transpose(1, 2)  # (B, H, Q, D)
+        attended = F.scaled_dot_product_attention(
+            query,
+            key.to(q.dtype),
+            value.to(q.dtype),
+            attn_mask=group.mask,
+            scale=self.scaling,
+            enable_gqa=True,
+        )  # (B, H, Q, D)
+        if group.token_index is None:
+            return attended[:, :, 0]  # (B, H, D)
+        return attended.transpose(1, 2)[group.token_valid]  # (n, H, D)
 
-    def _group(self, rows: list[RowStep], offsets: list[int]) -> _Group:
-        num_queries = max(len(row.token_ids) for row in rows)
-        num_keys = max(int(row.slots.numel()) for row in rows)
-        key_slots = torch.full((len(rows), num_keys), PAD_SLOT, dtype=torch.int64)
-        query_pos = torch.full((len(rows), num_queries), -1, dtype=torch.int64)
-        query_index = torch.zeros((len(rows), num_queries), dtype=torch.int64)
-        for i, (row, offset) in enumerate(zip(rows, offsets, strict=True)):
-            n = len(row.token_ids)
-            key_slots[i, : row.slots.numel()] = row.slots
-            query_pos[i, :n] = torch.arange(row.start, row.start + n)
-            query_index[i, :n] = torch.arange(offset, offset + n)
-        mask = torch.arange(num_keys)[None, None, :] <= query_pos[:, :, None]  # (B, Q, K)
-        mask[:, :, 0] |= query_pos < 0  # padded queries see one (zero) key: no NaN
-        device = self.device
-        return _Group(
-            query_index.to(device),
-            (query_pos >= 0).to(device),
-            key_slots.to(device),
-            mask[:, None].to(device),
-        )
+    def _rope(
+        self, positions: torch.Tensor, max_position: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (T, 1, D) of `positions`, from a table the model's own rotary module computed once."""
+        needed = max_position + 1
+        if needed > self._rope_cos.shape[0]:
+            size = max(needed, 2 * self._rope_cos.shape[0], 256)
+            table = torch.arange(size, device=self.device)[None]  # (1, N)
+            probe = torch.empty((), dtype=dtype, device=self.device)
+            cos, sin = self.decoder.rotary_emb(probe, table)  # (1, N, D) each
+            self._rope_cos, self._rope_sin = cos[0], sin[0]
+        cos, sin = self._rope_cos.index_select(0, positions), self._rope_sin.index_select(0, positions)
+        return cos[:, None, :], sin[:, None, :]
+
+
+def _pack(layer: torch.nn.Module) -> _Layer:
+    """Pack q/k/v and gate/up into one matrix each, making the module parameters views of the packed ones
+    (so in-place weight loads and edits reach both)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv = _packed((attn.q_proj, attn.k_proj, attn.v_proj), "weight")
+    qkv_bias = _packed((attn.q_proj, attn.k_proj, attn.v_proj), "bias")
+    gate_up = _packed((mlp.gate_proj, mlp.up_proj), "weight")
+    q_norm = getattr(attn, "q_norm", None)
+    k_norm = getattr(attn, "k_norm", None)
+    return _Layer(
+        input_norm=layer.input_layernorm.weight,
+        qkv_weight=qkv,
+        qkv_bias=qkv_bias,
+        q_norm=None if q_norm is None else q_norm.weight,
+        k_norm=None if k_norm is None else k_norm.weight,
+        o_weight=attn.o_proj.weight,
+        o_bias=attn.o_proj.bias,
+        post_norm=layer.post_attention_layernorm.weight,
+        gate_up_weight=gate_up,
+        down_weight=mlp.down_proj.weight,
+    )
+
+
+def _packed(modules: tuple[torch.nn.Module, ...], name: str) -> torch.Tensor | None:
+    params = [getattr(m, name) for m in modules]
+    if any(p is None for p in params):
+        assert all(p is None for p in params), f"mixed {name} presence in {modules}"
+        return None
+    with torch.no_grad():
+        packed = torch.cat([p.detach() for p in params])
+    offset = 0
+    for param in params:
+        param.data = packed[offset : offset + param.shape[0]]
+        offset += param.shape[0]
+    return packed
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm: normalized in float32, cast back, then scaled (5 kernels in float32;
+    `F.rms_norm` measured slower on CPU for decode-sized inputs)."""
+    x32 = _as(x, torch.float32)
+    normed = x32 * (x32 * x32).mean(-1, keepdim=True).add_(eps).rsqrt_()
+    return weight * _as(normed, x.dtype)
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x.to(dtype)` without the dispatch when it is already that dtype (hot loop)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE on (T, H, D) with cos/sin (T, 1, D), as transformers' `apply_rotary_pos_emb`."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
-def _ends(rows: list[RowStep]) -> list[int]:
-    """Flat index of the last new token of each row that wants logits."""
-    ends, offset = [], 0
-    for row in rows:
-        offset += len(row.token_ids)
-        if row.wants_logits:
-            ends.append(offset - 1)
-    return ends
+    return (x * cos).add_(rotated.mul_(sin))
 
 
 def _check_architecture(model: torch.nn.Module) -> None:
@@ -171,7 +204,12 @@ def _check_architecture(model: torch.nn.Module) -> None:
     decoder = getattr(model, "model", None)
     layers = getattr(decoder, "layers", None)
     needed = ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim")
-    if layers is None or not all(hasattr(layers[0].self_attn, name) for name in needed):
+    mlp_needed = ("gate_proj", "up_proj", "down_proj", "act_fn")
+    if (
+        layers is None
+        or not all(hasattr(layers[0].self_attn, name) for name in needed)
+        or not all(hasattr(layers[0].mlp, name) for name in mlp_needed)
+    ):
         raise ValueError(
             f"the embedded engine runs Llama-style decoders (qwen2, qwen3, llama); got {config.model_type}"
         )
