@@ -144,7 +144,7 @@ class FleetFollower:
         """Before the engine reports ready: share its workers' weights and adopt the fleet's version."""
         share = getattr(self.runtime.loaded.metered.inner, "share_weights", None)
         if share is not None:
-            share(self.catch_up)
+            share(self._before_repush)
         try:
             await self.catch_up(wait=False)
         except RedisError:
@@ -165,6 +165,14 @@ class FleetFollower:
             self.error = f"cannot serve the fleet's policy_version {record.version}: {exc}"
             raise
         self.error = None
+
+    async def _before_repush(self) -> None:
+        """A worker serves other weights than this replica's: adopt a newer fleet version first (bounded;
+        without Redis the engine goes on with what it knows)."""
+        try:
+            await asyncio.wait_for(self.catch_up(), LOCK_WAIT_S)
+        except (RedisError, TimeoutError):
+            logger.warning("could not catch up with the fleet before re-pushing a worker", exc_info=True)
 
     async def run(self) -> None:
         """Poll the record for as long as the service runs; errors are logged and retried."""

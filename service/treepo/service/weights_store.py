@@ -135,11 +135,11 @@ class WeightsStore:
     async def adopt(self, runtime: EngineRuntime, record: FleetWeights) -> None:
         """Serve the fleet's weights, pushed by another replica: shared SGLang workers already serve them
         (the engine only takes the version), an engine of its own loads them from the weights directory."""
-        if runtime.shares_weights:  # no await between the version check and the swap of numbers
-            self._adopt_shared(runtime, record)
+        if runtime.shares_weights:  # no await between the version check and the new numbers: no lock
+            await self._catch_up(runtime, record)
             return
         async with self._lock:
-            await self._adopt_own(runtime, record)
+            await self._catch_up(runtime, record)
 
     @contextlib.asynccontextmanager
     async def _pushing(self, runtime: EngineRuntime) -> AsyncIterator[None]:
@@ -150,24 +150,19 @@ class WeightsStore:
                 return
             async with self.fleet.locked():
                 record = await self.fleet.read()
-                if record is not None and record.version > runtime.weights.policy_version:
-                    if runtime.shares_weights:
-                        self._adopt_shared(runtime, record)
-                    else:
-                        await self._adopt_own(runtime, record)
+                if record is not None:
+                    await self._catch_up(runtime, record)
                 yield
 
-    def _adopt_shared(self, runtime: EngineRuntime, record: FleetWeights) -> None:
-        if record.version > runtime.weights.policy_version:
-            path = self.root / record.path
+    async def _catch_up(self, runtime: EngineRuntime, record: FleetWeights) -> None:
+        if record.version <= runtime.weights.policy_version:
+            return
+        path = self.root / record.path
+        if runtime.shares_weights:
             runtime.adopt(str(path), record.version)
-            self._loaded_now(path, record.digest)
-
-    async def _adopt_own(self, runtime: EngineRuntime, record: FleetWeights) -> None:
-        if record.version > runtime.weights.policy_version:
-            path = self.root / record.path
+        else:
             await runtime.update_weights(str(path), record.version)
-            self._loaded_now(path, record.digest)
+        self._loaded_now(path, record.digest)
 
     def _loaded_now(self, path: Path, digest: str) -> None:
         self._digest = digest
