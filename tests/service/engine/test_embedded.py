@@ -328,3 +328,15 @@ async def test_other_llama_style_architectures_match_transformers(tmp_path, arch
     outs = await generate_all(engine, [greedy(p, 8) for p in PROMPTS])
     assert [o.output_ids for o in outs] == [hf_greedy(reference, p, 8) for p in PROMPTS]
     engine.close()
+
+
+async def test_peak_kv_counts_a_locked_shared_prefix_once(engine):
+    prefix = list(range(3, 13))  # 10 tokens
+    await generate_all(engine, [greedy(prefix, 1)])
+    engine.reset_peaks()
+    outs = await generate_all(engine, [greedy([*prefix, 40 + i], 3) for i in range(2)])
+    assert [o.cached_tokens for o in outs] == [10, 10]
+    per_token = engine.pool.shape.bytes_per_token
+    # the shared prefix once + each row's own 3 fed tokens (its last input token and 2 decoded ones)
+    assert engine.peak_kv_bytes == (10 + 2 * 3) * per_token
+    assert engine.blocks.num_active_tokens == 0  # nothing held once the rows left

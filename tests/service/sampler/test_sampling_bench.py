@@ -8,8 +8,8 @@ from sampler_helpers import EOS, PROMPT, decode, eos_at, no_eos
 
 from treepo.client.schema import SamplingParams, TreeParams
 from treepo.service.engine.scripted import ScriptedEngine
-from treepo.service.sampler.bench import parse_shapes
-from treepo.service.sampler.bench_run import ratios, run_mode
+from treepo.service.sampler.bench import RANDOM_25M_SHAPE, parse_shapes
+from treepo.service.sampler.bench_run import RunStats, ratios, run_mode
 
 
 def test_parse_shapes() -> None:
@@ -37,3 +37,36 @@ async def test_tree_vs_sequential_on_a_scripted_engine(script) -> None:
     result = ratios(sync, seq)
     assert result["decoded_tokens"] == sync.decoded_tokens / seq.decoded_tokens
     assert result["efficiency"] == pytest.approx(result["traj_per_s"] * result["decoded_tokens"])
+
+
+def test_ratios_report_forward_passes_and_peak_kv_bytes() -> None:
+    def stats(passes: int, peak: int) -> RunStats:
+        return RunStats(
+            trajectories=4, decoded_tokens=10, independent_tokens=10, prefill_tokens=0, cached_tokens=0,
+            engine_calls=4, forward_passes=passes, wall_s=1.0, cpu_s=1.0, peak_concurrent_sequences=4,
+            peak_kv_tokens=peak, peak_kv_bytes=8 * peak,
+        )  # fmt: skip
+
+    result = ratios(stats(passes=30, peak=50), stats(passes=60, peak=200))
+    assert result["forward_passes"] == 0.5 and result["peak_kv_bytes"] == 0.25
+
+
+def test_random_25m_stand_in_has_about_25m_parameters() -> None:
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from treepo.service.tinymodel import default_model_path
+
+    vocab = len(AutoTokenizer.from_pretrained(default_model_path()))  # the shipped tokenizer
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, tie_word_embeddings=True, **RANDOM_25M_SHAPE))
+    assert 24e6 <= sum(p.numel() for p in model.parameters()) <= 26e6
+
+
+def test_bench_sampling_rejects_an_unknown_regime() -> None:
+    from typer.testing import CliRunner
+
+    from treepo.service.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "sampling", "--regime", "fast"], env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and "throughput, latency" in result.output

@@ -2,6 +2,9 @@
 
 Prints one JSON object (`--json`) or rich tables: the default shape for both schedules, then a table of
 depth x segment shapes (equal budget d*l) with TrajPS and TokenPS ratios, like the paper's Figures 4-5.
+Regimes: `throughput` offers many more paths than the engine's running-row cap (rows freed by shared
+prefixes and early stops are refilled by other trees' paths: what a busy GPU sees); `latency` gives the
+engine room for every row at once.
 """
 
 from __future__ import annotations
@@ -25,9 +28,20 @@ from treepo.service.sampler.bench_run import RunStats, ratios, run_mode
 logger = logging.getLogger(__name__)
 
 MODES = ("sequential", "sync", "async")
+REGIMES = ("throughput", "latency")
+# `--model random-25m`: a compute-bound stand-in (random init, the shipped tokenizer), ~25 M parameters
+RANDOM_25M_SHAPE = {
+    "hidden_size": 512,
+    "intermediate_size": 1600,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+}
 RUN_KEYS = (
     "trajectories", "decoded_tokens", "prefill_tokens", "cached_tokens", "wall_s", "cpu_s", "traj_per_s",
-    "tokens_per_s", "peak_concurrent_sequences", "peak_kv_tokens", "engine_calls",
+    "tokens_per_s", "peak_concurrent_sequences", "peak_kv_tokens", "peak_kv_bytes", "engine_calls",
+    "forward_passes",
 )  # fmt: skip
 
 
@@ -47,8 +61,23 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 def bench_sampling(
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    model: Annotated[str, typer.Option(help="Local HF model dir; 'random' = random-init tiny shape.")] = "",
-    prompts: Annotated[int, typer.Option(min=1, help="Prompts sampled concurrently.")] = 32,
+    model: Annotated[
+        str,
+        typer.Option(
+            help="Local HF model dir; 'random' = random-init tiny shape; 'random-25m' = random-init ~25 M "
+            "Qwen2 with the shipped tokenizer (compute-bound on CPU)."
+        ),
+    ] = "",
+    regime: Annotated[
+        str,
+        typer.Option(help="throughput: prompts x width >> --max-running-rows; latency: all rows at once."),
+    ] = "throughput",
+    prompts: Annotated[
+        int | None, typer.Option(min=1, help="Prompts sampled concurrently [128 throughput, 32 latency].")
+    ] = None,
+    max_running_rows: Annotated[
+        int, typer.Option(min=1, help="Engine running-row cap in the throughput regime.")
+    ] = 256,
     width: Annotated[int, typer.Option(min=1, help="w: trajectories per prompt.")] = 16,
     segment: Annotated[int, typer.Option(min=1, help="l: tokens per segment (default shape).")] = 16,
     depth: Annotated[int, typer.Option(min=1, help="d: segments per trajectory (default shape).")] = 4,
@@ -64,17 +93,23 @@ def bench_sampling(
     """Tree vs sequential sampling: trajectories/s, tokens/s, decoded tokens, prefix cache, peak KV."""
     import torch
 
+    if regime not in REGIMES:
+        raise typer.BadParameter(f"unknown regime {regime!r}; expected one of {', '.join(REGIMES)}")
     if threads:
         torch.set_num_threads(threads)
     table = parse_shapes(shapes)
+    prompts = prompts or (128 if regime == "throughput" else 32)
+    rows = max_running_rows if regime == "throughput" else prompts * width
     with tempfile.TemporaryDirectory() as tmp:
         model_path = _resolve_model(model, Path(tmp), seed)
         longest = segment * depth if not table else max(segment * depth, *(d * s for d, s in table))
-        bench = _Bench.load(model_path, prompts, width, longest, device)
+        bench = _Bench.load(model_path, prompts, width, longest, device, rows)
         bench.temperature, bench.seed, bench.repeats = temperature, seed, repeats
         result = asyncio.run(bench.measure(depth, segment, table))
     result["config"].update(
-        model=model or "tiny-arith (shipped)", prompts=prompts, width=width, segment=segment, depth=depth,
+        model=model or "tiny-arith (shipped)", regime=regime, max_running_rows=rows,
+        parameters=sum(p.numel() for p in bench.engine.model.parameters()),
+        prompts=prompts, width=width, segment=segment, depth=depth,
         temperature=temperature, seed=seed, device=device, repeats=repeats, threads=torch.get_num_threads(),
         machine=f"{platform.machine()}, {os.cpu_count()} CPU cores",
     )  # fmt: skip
@@ -98,7 +133,10 @@ class _Bench:
     repeats: int = 3
 
     @classmethod
-    def load(cls, model_path: Path, num_prompts: int, width: int, longest: int, device: str) -> _Bench:
+    def load(
+        cls, model_path: Path, num_prompts: int, width: int, longest: int, device: str, rows: int
+    ) -> _Bench:
+        """An engine with `rows` running rows and KV room for all of them at their longest."""
         from transformers import AutoTokenizer
 
         from treepo.service.engine.embedded import EmbeddedEngine
@@ -106,26 +144,21 @@ class _Bench:
 
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         prompt_ids = [tokenizer.encode(p.prompt) for p in generate_problems("test", num_prompts, seed=0)]
-        rows = num_prompts * width
         tokens = rows * (max(map(len, prompt_ids)) + longest)
         engine = EmbeddedEngine(model_path, device=device, max_kv_tokens=tokens, max_running_rows=rows)
-        config = engine.model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        kv_bytes = (
-            2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * engine.model.dtype.itemsize
-        )
+        kv_bytes = engine.pool.shape.bytes_per_token
 
         def decode(ids: list[int]) -> str:
             return tokenizer.decode(ids, skip_special_tokens=True)
 
         return cls(engine, decode, prompt_ids, width, kv_bytes)
 
-    async def run(self, depth: int, segment: int, mode: str) -> RunStats:
+    async def run(self, depth: int, segment: int, mode: str, num_prompts: int | None = None) -> RunStats:
         schedule = "async" if mode == "async" else "sync"
         tree = TreeParams(width=self.width, segment_tokens=segment, max_depth=depth, schedule=schedule)
         sampling = SamplingParams(temperature=self.temperature)
         return await run_mode(
-            self.engine, self.decode, self.prompt_ids, tree, sampling,
+            self.engine, self.decode, self.prompt_ids[:num_prompts], tree, sampling,
             sequential=mode == "sequential", seed=self.seed, kv_bytes_per_token=self.kv_bytes_per_token,
         )  # fmt: skip
 
@@ -140,14 +173,18 @@ class _Bench:
         return runs
 
     async def measure(self, depth: int, segment: int, table: list[tuple[int, int]]) -> dict[str, Any]:
-        await self.run(depth, segment, "sync")  # warm-up (allocator, kernels)
+        await self.run(depth, segment, "sync", num_prompts=4)  # warm-up (allocator, kernels, lazy pool)
         default = await self.best(depth, segment)
         rows = []
         for d, s in table:
             runs = default if (d, s) == (depth, segment) else await self.best(d, s)
             for schedule in ("sync", "async"):
-                rows.append({"depth": d, "segment": s, "schedule": schedule,
-                             **ratios(runs[schedule], runs["sequential"])})  # fmt: skip
+                tree, sequential = runs[schedule], runs["sequential"]
+                rows.append({"depth": d, "segment": s, "schedule": schedule, **ratios(tree, sequential),
+                             "tree_forward_passes": tree.forward_passes,
+                             "sequential_forward_passes": sequential.forward_passes,
+                             "tree_peak_kv_bytes": tree.peak_kv_bytes,
+                             "sequential_peak_kv_bytes": sequential.peak_kv_bytes})  # fmt: skip
         return {
             "config": {"kv_bytes_per_token": self.kv_bytes_per_token},
             "tree": default["sync"].to_dict(),
@@ -160,9 +197,16 @@ class _Bench:
 
 
 def _resolve_model(model: str, tmp: Path, seed: int) -> Path:
-    """The shipped tiny model by default; 'random' builds a random-init model of the same shape in `tmp`."""
+    """The shipped tiny model by default; 'random' / 'random-25m' build a random-init model in `tmp`."""
+    from transformers import AutoTokenizer
+
     from treepo.service.tinymodel import build_model, build_tokenizer, default_model_path
 
+    if model == "random-25m":
+        tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+        build_model(tokenizer, seed, RANDOM_25M_SHAPE).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        return tmp
     if model == "random":
         from treepo.service.task import generate_problems
 
@@ -174,7 +218,8 @@ def _resolve_model(model: str, tmp: Path, seed: int) -> Path:
     path = Path(model) if model else default_model_path()
     if not (path / "config.json").is_file():
         raise typer.BadParameter(
-            f"no model at {path}; train one with `treepo init-model`, pass --model PATH, or --model random"
+            f"no model at {path}; train one with `treepo init-model`, pass --model PATH, --model random "
+            "or --model random-25m"
         )
     return path
 
@@ -196,13 +241,12 @@ def _print_tables(result: dict[str, Any]) -> None:
     console.print(f"ratios tree/sequential: {_fmt_dict(result['ratios'])}")
     console.print(f"ratios async tree/sequential: {_fmt_dict(result['ratios_async'])}")
     shapes = Table(title="shapes (tree / sequential)")
-    for column in ("depth x segment", "schedule", "TrajPS", "TokenPS", "decoded", "efficiency", "Traj/CPU-s"):
+    columns = ("depth x segment", "schedule", "TrajPS", "TokenPS", "decoded", "efficiency", "Traj/CPU-s")
+    for column in (*columns, "forward passes", "peak KV"):
         shapes.add_column(column, justify="right")
+    keys = ("traj_per_s", "tokens_per_s", "decoded_tokens", "efficiency", "traj_per_cpu_s")
     for row in result["shapes"]:
-        values = (
-            _fmt(row[k])
-            for k in ("traj_per_s", "tokens_per_s", "decoded_tokens", "efficiency", "traj_per_cpu_s")
-        )
+        values = (*(_fmt(row[k]) for k in keys), _fmt(row["forward_passes"]), _fmt(row["peak_kv_bytes"]))
         shapes.add_row(f"{row['depth']}x{row['segment']}", row["schedule"], *values)
     console.print(shapes)
 

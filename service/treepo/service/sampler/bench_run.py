@@ -125,4 +125,6 @@ def ratios(tree: RunStats, sequential: RunStats) -> dict[str, float]:
         "efficiency": traj * decoded,
         "traj_per_cpu_s": tree.traj_per_cpu_s / sequential.traj_per_cpu_s,
         "peak_kv_tokens": tree.peak_kv_tokens / max(sequential.peak_kv_tokens, 1),
+        "peak_kv_bytes": tree.peak_kv_bytes / max(sequential.peak_kv_bytes, 1),
+        "forward_passes": tree.forward_passes / max(sequential.forward_passes, 1),
     }
