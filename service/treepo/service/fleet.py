@@ -71,6 +71,7 @@ class Fleet:
         self.redis = redis
         self.replica = uuid.uuid4().hex[:12]
         self.lease_s = lease_s
+        self.lock_wait_s = LOCK_WAIT_S
         self.record_key = f"{prefix}:fleet:weights"
         self.lock_key = f"{prefix}:fleet:weights-lock"
         self._record = redis.register_script(_RECORD)
@@ -85,14 +86,14 @@ class Fleet:
         return FleetWeights(version=int(raw["version"]), path=raw["path"], digest=raw["digest"])
 
     @contextlib.asynccontextmanager
-    async def locked(self, wait_s: float = LOCK_WAIT_S) -> AsyncIterator[None]:
-        """Hold the push lock (renewed meanwhile); FleetBusy if another replica holds it past `wait_s`."""
+    async def locked(self) -> AsyncIterator[None]:
+        """Hold the push lock (renewed meanwhile); FleetBusy if another replica holds it past `lock_wait_s`."""
         token = f"{self.replica}:{uuid.uuid4().hex}"
         lease_ms = int(self.lease_s * 1000)
-        deadline = time.monotonic() + wait_s
+        deadline = time.monotonic() + self.lock_wait_s
         while not await self.redis.set(self.lock_key, token, nx=True, px=lease_ms):
             if time.monotonic() >= deadline:
-                raise FleetBusy(f"another replica has been pushing weights for over {wait_s:.0f} s")
+                raise FleetBusy(f"another replica has been pushing weights for over {self.lock_wait_s:.0f} s")
             await asyncio.sleep(POLL_S)
         self._token = token
         renewer = asyncio.create_task(self._keep(token, lease_ms), name="fleet-lock-renewal")

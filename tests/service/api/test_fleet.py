@@ -8,6 +8,7 @@ import re
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -181,3 +182,44 @@ def test_shared_workers_are_loaded_once_per_push(make_service) -> None:
         _wait_for(lambda: http_a.get("/weights").json()["policy_version"] == 1, "A to adopt version 1")
         tree = http_a.post("/rollout_tree", json=_body()).json()["trees"][0]
     assert len(workers.loads) == 1 and tree["policy_version"] == 1
+
+
+def test_a_push_while_another_replica_holds_the_lock_gets_409_with_retry_after(make_service) -> None:
+    service = make_service()
+    fleet = service.app.state.weights_store.fleet
+    fleet.lock_wait_s = 0.3
+    _checkpoint(service, "step-1.safetensors", 0.5)
+    service.redis.set(fleet.lock_key, "another-replica:push", px=60_000)
+    with service.client() as http:
+        busy = http.post("/weights", json={"path": "step-1.safetensors"})
+        service.redis.delete(fleet.lock_key)  # that push ended
+        done = http.post("/weights", json={"path": "step-1.safetensors"})
+    assert busy.status_code == 409 and busy.headers["Retry-After"] == "1", busy.text
+    assert "another replica has been pushing weights" in busy.json()["detail"]
+    assert done.status_code == 200 and done.json()["policy_version"] == 1
+    assert service.redis.hgetall(fleet.record_key)["version"] == "1"
+    assert not service.redis.exists(fleet.lock_key)  # released
+
+
+class FileLoad(ScriptedEngine):
+    """A scripted engine whose weight loads read the file (a missing one fails, as a real load does)."""
+
+    def __init__(self) -> None:
+        super().__init__(printable_script())
+
+    async def update_weights(self, path: str, version: int) -> None:
+        Path(path).read_bytes()
+        await super().update_weights(path, version)
+
+
+def test_a_replica_that_cannot_load_the_fleets_weights_is_not_ready(make_service) -> None:
+    service = make_service(engine_factory=factory_of(FileLoad), fleet_poll_s=0.05)
+    fleet = service.app.state.weights_store.fleet
+    service.redis.hset(fleet.record_key, mapping={"version": 3, "path": "gone.safetensors", "digest": "x"})
+    with service.client() as http:
+        _wait_for(lambda: http.get("/readyz").status_code == 503, "readiness to drop")
+        ready = http.get("/readyz").json()
+        _checkpoint(service, "gone.safetensors", 0.5)  # the shared volume catches up
+        _wait_for(lambda: http.get("/readyz").status_code == 200, "readiness to return")
+        assert http.get("/weights").json()["policy_version"] == 3
+    assert "cannot serve the fleet's policy_version 3" in ready["fleet"] and ready["policy_version"] == 0
