@@ -39,7 +39,7 @@ sglang-env: $(SGLANG_VENV)/.installed
 
 # Integration suite against real SGLang servers (tests/sglang); `make test` leaves it out.
 test-sglang: setup sglang-env
-	SGLANG_PYTHON=$(SGLANG_VENV)/bin/python $(BIN)/python -m pytest -q -p no:cacheprovider tests/sglang
+	SGLANG_PYTHON=$(SGLANG_VENV)/bin/python $(BIN)/python -m pytest -q -p no:cacheprovider --timeout 900 tests/sglang
 
 lint: setup
 	$(BIN)/ruff check .
