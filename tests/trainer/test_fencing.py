@@ -110,10 +110,12 @@ class TestStaleness:
         [
             (3, 5, [], 2),
             (6, 5, [], -1),
-            (4, 5, [(3, 5)], 0),  # sampled by a lost lineage: counts as the resumed weights
+            (4, 5, [(3, 5)], 0),  # sampled by a lost lineage, ahead of the replay: never negative
             (2, 5, [(3, 5)], 0),  # the checkpoint's version: the same weights as the resumed ones
             (1, 6, [(3, 5)], 2),
-            (4, 7, [(3, 5)], 2),
+            (4, 7, [(3, 5)], 0),  # the lost lineage's 2nd weights vs the replay's 2nd: as before the crash
+            (3, 8, [(3, 5)], 2),
+            (5, 8, [(3, 5)], 3),
         ],
     )
     def test_staleness_skips_versions_lost_to_a_resume(self, consumers, sampled, current, gaps, expected):

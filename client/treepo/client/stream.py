@@ -33,8 +33,10 @@ logger = logging.getLogger(__name__)
 
 _MAX_RAW_CHARS = 2000  # how much of a corrupt entry the failure record keeps
 
-# After an AOF reload a group's entries-read is unknown (nil) and so is its lag; every entry added but not
-# yet delivered to the group has an id above its last-delivered id, so entries-read = entries-added - those.
+# After an AOF reload a group's entries-read is unknown (nil), or counts only what was read since (measured:
+# Redis 7.0 with a trimmed stream), and the group's lag with it. Every entry added but not yet delivered to
+# the group has an id above its last-delivered id (trimming only removes delivered ones), so
+# entries-read = entries-added - those.
 _REPAIR_ENTRIES_READ = """
 local stream, group = KEYS[1], ARGV[1]
 if redis.call('EXISTS', stream) == 0 then return -1 end
@@ -42,12 +44,12 @@ for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
   local info = {}
   for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
   if info['name'] == group then
-    if info['entries-read'] then return -1 end
     local added = 0
     local s = redis.call('XINFO', 'STREAM', stream)
     for i = 1, #s, 2 do if s[i] == 'entries-added' then added = s[i + 1] end end
     local last = info['last-delivered-id']
     local undelivered = #redis.call('XRANGE', stream, '(' .. last, '+')
+    if info['entries-read'] == added - undelivered then return -1 end
     redis.call('XGROUP', 'SETID', stream, group, last, 'ENTRIESREAD', added - undelivered)
     return added - undelivered
   end
@@ -69,13 +71,13 @@ def connect(url: str, *, retry_s: float = 0.0) -> redis.Redis:
 
 
 def repair_entries_read(client: redis.Redis, stream: str, group: str) -> int | None:
-    """Restore a group's entries-read counter if an AOF reload left it unknown; returns the value set."""
+    """Restore a group's entries-read counter if an AOF reload left it unknown or wrong; returns the value
+    set (None: it was right)."""
     value = int(client.eval(_REPAIR_ENTRIES_READ, 1, stream, group))
     if value < 0:
         return None
-    logger.warning(
-        "restored entries-read=%d of group %s on %s (lost in a Redis restart)", value, group, stream
-    )
+    logger.info("set entries-read=%d of group %s on %s (unknown or wrong, e.g. after an AOF reload)",
+                value, group, stream)  # fmt: skip
     return value
 
 
@@ -149,6 +151,17 @@ class TreeStream:
             block = None if trees else self.block_ms
             trees += self._read_new(count - len(trees), block)
         return trees
+
+    @property
+    def has_backlog(self) -> bool:
+        """Whether entries this consumer held before a restart (its own or Redis's) may remain unread."""
+        return not self._has_read_own_pending
+
+    def read_backlog(self, count: int) -> list[StreamedTree]:
+        """Up to `count` entries this consumer held before a restart, without reading anything new (may be
+        empty while `has_backlog` is still True: entries we already hold are skipped)."""
+        self.check_server()
+        return self._read_own_pending(count) if self.has_backlog else []
 
     def check_server(self) -> bool:
         """Notice a Redis restart (its run_id changed) and recover from it before reading; True if it did.

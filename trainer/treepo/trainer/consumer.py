@@ -223,18 +223,27 @@ class TreeConsumer:
         return [state == DONE for state in self.fence.states(list(tree_ids))]
 
     def staleness(self, sampled_version: int, current_version: int) -> int:
-        """Policy versions between a tree's sampling weights and the weights being trained. Versions in a
-        gap (a lineage lost to a resume, and the version the resumed checkpoint weights were pushed
-        under) stand for the checkpoint's weights. Negative: the tree is newer than our weights."""
+        """Policy versions between a tree's sampling weights and the weights being trained; negative: the
+        tree is newer than our weights (an error).
+
+        A resume leaves a gap (first, last) in the versions: first..last-1 were sampled by a lineage lost
+        with the crash, `last` is the version the checkpoint's weights were pushed under again. The resumed
+        run trains the lost steps' redelivered trees first, in their order: it replays those steps, so its
+        k-th step stands where the lost lineage's k-th step stood and a tree sampled by the lost lineage's
+        j-th weights counts as sampled by the replay's j-th (as stale as it was before the crash, never
+        negative)."""
         if sampled_version > current_version:
             return current_version - sampled_version
-        return self._effective(current_version) - self._effective(sampled_version)
+        stale = self._effective(current_version) - self._effective(sampled_version)
+        lost = any(first <= sampled_version < last for first, last in self.version_gaps)
+        return max(stale, 0) if lost else stale
 
     def _effective(self, version: int) -> int:
+        """The version in the replayed lineage: each gap's pushed version stands for first - 1."""
         effective = version
         for first, last in self.version_gaps:
-            if version >= first:
-                effective -= min(version, last) - first + 1
+            if version >= last:
+                effective -= last - first + 1
         return effective
 
     # Internal helpers

@@ -27,6 +27,12 @@ logger = logging.getLogger(__name__)
 MAX_ROUND_BATCHES = 4  # a round never submits more than this many batches' worth of prompts
 
 
+def _order(item: StreamedTree) -> tuple[int, int, int]:
+    """Publication order (stream entry id), ahead of this feeder's trees: trees of an earlier run first."""
+    millis, _, number = item.entry_id.partition("-")
+    return 0, int(millis), int(number or 0)
+
+
 def tree_seq(tree: ScoredTree | StreamedTree) -> int:
     """The feeder's sequence number of a tree's prompt (-1 for trees the feeder did not number)."""
     seq = tree.tree.metadata.get(SEQ_KEY)
@@ -55,6 +61,7 @@ class LockstepAssembler:
     ) -> Batch:
         """The first `num_prompts` surviving trees in sequence order; `give_up(batch)` ends it early."""
         batch = Batch([], BatchCounts(), is_full=False)
+        self._adopt_backlog(reward_fn, current_version, batch.counts)
         self._take_carry(batch, num_prompts, current_version)
         while len(batch.trees) < num_prompts:
             admitted = self._round(num_prompts - len(batch.trees), reward_fn, current_version)
@@ -81,6 +88,21 @@ class LockstepAssembler:
     def _is_ours(self, item: StreamedTree) -> bool:
         return item.tree.metadata.get(FEED_KEY) == self.feeder.feed_id
 
+    def _adopt_backlog(self, reward_fn: RewardFn, version: int, counts: BatchCounts) -> None:
+        """Trees this consumer held when it (or Redis) last stopped, i.e. the trees of the steps a crash
+        lost: they go first, in publication order, before any new round is submitted, so the resumed run
+        replays the lost steps (TreeConsumer.staleness) and fresh trees do not wait behind them."""
+        stream = self.consumer.stream
+        delivered: list[StreamedTree] = []
+        while stream.has_backlog:
+            delivered += stream.read_backlog(256)
+        if not delivered:
+            return
+        delivered.sort(key=_order)
+        admitted = self.consumer.admit(delivered, reward_fn, current_version=version)
+        counts.add(admitted.counts)
+        self.carry = admitted.trees + self.carry
+
     def _take_carry(self, batch: Batch, num_prompts: int, version: int) -> None:
         for tree in self.carry:
             tree.staleness = self.consumer.staleness(tree.tree.policy_version, version)
@@ -98,7 +120,9 @@ class LockstepAssembler:
         failures_before = self.feeder.progress.failures()
         first = self.feeder.submit(count)
         delivered = self._read_round(first, count, failures_before)
-        delivered.sort(key=lambda item: (tree_seq(item), item.tree.tree_id))
+        delivered.sort(
+            key=lambda item: (1, tree_seq(item), item.tree.tree_id) if self._is_ours(item) else _order(item)
+        )
         delivered, extra = self._one_per_prompt(delivered, range(first, first + count))
         admitted = self.consumer.admit(delivered, reward_fn, current_version=version)
         if extra:  # a re-submitted prompt whose first tree came after all: the first copy is trained

@@ -13,12 +13,15 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import redis
 import torch
 
 from treepo.client.client import TreePOClient
@@ -45,7 +48,8 @@ from treepo.trainer.weights import WeightPusher
 logger = logging.getLogger(__name__)
 
 StepCallback = Callable[[dict[str, Any]], None]
-FAULT_ENV = "TREEPO_TRAINER_FAULT"  # "<point>:<step>": kill -9 this process there (the fault tests)
+FAULT_ENV = "TREEPO_TRAINER_FAULT"  # "<point>:<step>[:stop]": kill -9 / freeze there (the fault tests)
+_FAULTS_SEEN: set[str] = set()
 
 
 def tree_params(config: TrainConfig) -> TreeParams:
@@ -101,20 +105,46 @@ class TrainingRun:
         started = time.perf_counter()
         self.consumer.fence.touch(self.state.entry_ids)  # held across steps: not idle, not taken over
         batch = self._assemble()
-        _fault_point("train", self.state.step + 1)  # claimed, not trained
-        waited = time.perf_counter() - started
-        rows = [row for t in batch.trees for row in rows_from_tree(t.tree, t.rewards, t.is_correct)]
-        record = {"step": self.state.step + 1, **self.trainer.step(rows), **batch_metrics(rows)}
-        self.state.step += 1
-        self.state.policy_version += 1  # monotonic even across resumes (the service refuses going back)
-        self.state.entry_ids += batch.entry_ids
-        self.state.tree_ids += batch.tree_ids
-        record["weight_push_s"] = self._maybe_push()
-        record["checkpoint_s"] = self._maybe_checkpoint()
-        record.update(_batch_record(batch, waited, time.perf_counter() - started, self.state.policy_version))
-        self.log.append(record)
+        with self._heartbeat(self.state.entry_ids + batch.entry_ids):
+            _fault_point("train", self.state.step + 1)  # claimed, not trained
+            waited = time.perf_counter() - started
+            rows = [row for t in batch.trees for row in rows_from_tree(t.tree, t.rewards, t.is_correct)]
+            record = {"step": self.state.step + 1, **self.trainer.step(rows), **batch_metrics(rows)}
+            self.state.step += 1
+            self.state.policy_version += 1  # monotonic even across resumes (the service refuses going back)
+            self.state.entry_ids += batch.entry_ids
+            self.state.tree_ids += batch.tree_ids
+            record["weight_push_s"] = self._maybe_push()
+            record.update(
+                _batch_record(batch, waited, time.perf_counter() - started, self.state.policy_version)
+            )
+            # Logged before the checkpoint: every checkpointed step has its record in metrics.jsonl (a step
+            # a crash makes redo is logged again; its last record counts). checkpoint_s is not in the file.
+            self.log.append(record)
+            record["checkpoint_s"] = self._maybe_checkpoint()
         self.prometheus.observe_step(record)
         return record
+
+    @contextmanager
+    def _heartbeat(self, entry_ids: list[str]) -> Iterator[None]:
+        """Touch the claimed entries every claim_idle_s / 3 while the step trains, pushes and checkpoints:
+        a slow-but-alive trainer is never taken over (only one that stops beating for claim_idle_s is)."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(max(self.config.claim_idle_s / 3, 0.01)):
+                try:
+                    self.consumer.fence.touch(entry_ids)
+                except redis.RedisError as error:  # retried inside; the next beat tries again
+                    logger.warning("heartbeat failed: %s", error)
+
+        thread = threading.Thread(target=beat, name="treepo-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def _assemble(self) -> Batch:
         """Wait for a full batch, failing loudly if the feeder died or nothing arrives for too long."""
@@ -125,19 +155,21 @@ class TrainingRun:
                 current_version=self.state.policy_version,
                 give_up=self._too_many_reads,
             )
+            _fault_point("claim", self.state.step + 1)  # read, not claimed
             return self.consumer.claim(batch)
         batch = Batch([], BatchCounts(), is_full=False)
         last_progress = time.monotonic()
         while len(batch.trees) < self.config.prompts_per_step:
             self.feeder.check()
-            more = self.consumer.claim(
-                self.consumer.assemble_batch(
-                    self.config.prompts_per_step - len(batch.trees),
-                    self.reward_fn,
-                    current_version=self.state.policy_version,
-                    timeout_s=2.0,
-                )
+            read = self.consumer.assemble_batch(
+                self.config.prompts_per_step - len(batch.trees),
+                self.reward_fn,
+                current_version=self.state.policy_version,
+                timeout_s=2.0,
             )
+            if read.trees:
+                _fault_point("claim", self.state.step + 1)  # read, not claimed
+            more = self.consumer.claim(read)
             batch.trees += more.trees
             batch.counts.add(more.counts)
             if self._too_many_reads(batch):
@@ -177,6 +209,7 @@ class TrainingRun:
         is_last = self.state.step >= self.config.steps
         if self.state.step % self.config.checkpoint_every and not is_last:
             return None
+        _fault_point("checkpoint", self.state.step)  # trained and logged, not checkpointed
         started = time.perf_counter()
         root = Path(self.config.output_dir) / "checkpoints"
         save_checkpoint(
@@ -194,11 +227,14 @@ class TrainingRun:
 
 
 def _fault_point(point: str, step: int) -> None:
-    """Crash (SIGKILL, as `kill -9` would) at a named point of a step when FAULT_ENV asks for it: the
-    fault tests need the exact moments between claim and train, and between checkpoint and commit."""
-    if os.environ.get(FAULT_ENV) == f"{point}:{step}":
-        logger.warning("%s=%s: killing this process", FAULT_ENV, os.environ[FAULT_ENV])
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Crash (SIGKILL, as `kill -9` would) or freeze (SIGSTOP, a trainer stalled until SIGCONT) at a named
+    point of a step when FAULT_ENV says `<point>:<step>` or `<point>:<step>:stop`: the fault tests need the
+    exact moments before a claim, between claim and train, and between checkpoint and commit."""
+    wanted = os.environ.get(FAULT_ENV, "")
+    if wanted in (f"{point}:{step}", f"{point}:{step}:stop") and wanted not in _FAULTS_SEEN:
+        _FAULTS_SEEN.add(wanted)  # once per process
+        logger.warning("%s=%s: signalling this process", FAULT_ENV, wanted)
+        os.kill(os.getpid(), signal.SIGSTOP if wanted.endswith(":stop") else signal.SIGKILL)
 
 
 def _batch_record(batch: Batch, waited_s: float, step_s: float, version: int) -> dict[str, Any]:
@@ -222,6 +258,7 @@ def _batch_record(batch: Batch, waited_s: float, step_s: float, version: int) ->
         "all_wrong_prompts": counts.num_all_wrong,
         "stale_trees": counts.num_stale,
         "duplicate_trees": counts.num_duplicates,
+        "fenced_trees": counts.num_fenced,  # taken over by another consumer before this step's claim
         "staleness_mean": batch.mean_staleness(),
         "decoded_tokens": sum(s.decoded_tokens for s in stats),
         "independent_tokens": sum(s.independent_tokens for s in stats),
