@@ -6,6 +6,7 @@ trained once."""
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -157,3 +158,43 @@ def test_a_resubmitted_prompt_is_trained_once(late_first: bool) -> None:
     kept, extra = lockstep._one_per_prompt(delivered, range(0, 2))
     assert [t.tree.tree_id for t in kept] == ["older-run", copies[1 if late_first else 0].tree.tree_id, "x"]
     assert len(extra) == 1
+
+
+class _LossyFeeder:
+    """Plays feeder and service: publishes each submitted prompt's tree except `lost` ones (a service
+    crash lost them), and those again when they are re-submitted."""
+
+    def __init__(self, db, prefix: str, lost: set[int]) -> None:
+        self.db, self.prefix, self.lost = db, prefix, lost
+        self.feed_id, self.submitted, self.resubmitted = "f", 0, []
+        self.request = SimpleNamespace(prompts_per_request=8)
+        self.progress = SimpleNamespace(failures=lambda: 0)
+        self.lost_after_s = 0.2
+        self._last = time.monotonic()
+
+    def submit(self, count: int) -> int:
+        first, self.submitted = self.submitted, self.submitted + count
+        self._publish([seq for seq in range(first, first + count) if seq not in self.lost])
+        return first
+
+    def resubmit(self, seqs: list[int]) -> None:
+        self.resubmitted += seqs
+        self._publish(seqs)
+
+    def silent_for(self) -> float:
+        return time.monotonic() - self._last
+
+    def _publish(self, seqs: list[int]) -> None:
+        for seq in seqs:
+            tree = _tree(f"t{seq}-{len(self.resubmitted)}", MIXED)
+            tree.metadata.update({SEQ_KEY: seq, FEED_KEY: self.feed_id})
+            self.db.xadd(trees_stream(self.prefix), {"tree": tree.model_dump_json()})
+        self._last = time.monotonic()
+
+
+def test_the_lockstep_round_resubmits_what_the_service_lost(consumers, db, key_prefix) -> None:
+    feeder = _LossyFeeder(db, key_prefix, lost={1})
+    lockstep = LockstepAssembler(feeder, consumers("c1"), stall_timeout_s=30)  # type: ignore[arg-type]
+    batch = lockstep.assemble(3, toy_reward, current_version=0, give_up=lambda _: False)
+    assert feeder.resubmitted == [1], "the lost prompt, and only it, was submitted again"
+    assert [t.tree.metadata[SEQ_KEY] for t in batch.trees] == [0, 1, 2], "the round completed, in order"
