@@ -167,6 +167,31 @@ async def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_model_
     assert len({tuple(o.output_ids) for o in others + alone}) > 1  # seeds matter
 
 
+async def test_logprobs_are_bit_identical_whatever_runs_beside_the_request(tiny_model_path):
+    """Seeded runs repeat exactly (the demo's --seed): a row's numbers do not depend on its step-mates.
+    With one torch thread, as the service runs on CPU (several threads split a GEMM by its row count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        await _check_bit_identical(tiny_model_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+async def _check_bit_identical(tiny_model_path) -> None:
+    engine = EmbeddedEngine(tiny_model_path, eos_token_ids=())
+    request = GenerateRequest(input_ids=PROMPTS[0], max_new_tokens=24, temperature=1.0, seed=11)
+    alone = await engine.generate(request)
+    for crowd in (2, 11):
+        engine.flush_cache()
+        others = [GenerateRequest([20 + i, 3, 4], 10 + 2 * i, temperature=1.0, seed=i) for i in range(crowd)]
+        outs = await generate_all(engine, [*others[: crowd // 2], request, *others[crowd // 2 :]])
+        beside = outs[crowd // 2]
+        assert beside.output_ids == alone.output_ids
+        assert torch.equal(torch.tensor(beside.logprobs), torch.tensor(alone.logprobs))
+    engine.close()
+
+
 async def test_update_weights_changes_outputs_and_flushes_the_cache(engine, other_model_path):
     before = await generate_all(engine, [greedy(p) for p in PROMPTS])
     assert engine.radix.total_size > 0

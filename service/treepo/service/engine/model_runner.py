@@ -77,18 +77,18 @@ class ModelRunner:
             attn_in = _rms_norm(hidden, layer.input_norm, self.eps)
             hidden = hidden.add_(self._attention(index, layer, attn_in, rope, batch))
             mlp_in = _rms_norm(hidden, layer.post_norm, self.eps)
-            gate, up = F.linear(mlp_in, layer.gate_up_weight).chunk(2, dim=-1)  # (T, I) each
-            hidden = hidden.add_(F.linear(self.act(gate).mul_(up), layer.down_weight))
+            gate, up = _linear(mlp_in, layer.gate_up_weight).chunk(2, dim=-1)  # (T, I) each
+            hidden = hidden.add_(_linear(self.act(gate).mul_(up), layer.down_weight))
         last = _rms_norm(hidden.index_select(0, batch.logits_index), self.decoder.norm.weight, self.eps)
         self.num_computed_tokens += int(batch.input_ids.numel())
         self.num_forward_passes += 1
-        return self.model.lm_head(last)  # (R, V)
+        return _linear(last, self.model.lm_head.weight, self.model.lm_head.bias)  # (R, V)
 
     # Internal helpers
 
     def _attention(self, index: int, layer: _Layer, x, rope, batch: ForwardBatch) -> torch.Tensor:
         num_tokens, heads, kv_heads = x.shape[0], self.num_heads, self.num_kv_heads
-        qkv = F.linear(x, layer.qkv_weight, layer.qkv_bias).view(num_tokens, heads + 2 * kv_heads, -1)
+        qkv = _linear(x, layer.qkv_weight, layer.qkv_bias).view(num_tokens, heads + 2 * kv_heads, -1)
         qk = qkv[:, : heads + kv_heads]  # (T, H + Hkv, D); then v (T, Hkv, D)
         if layer.q_norm is not None:  # Qwen3: per-head RMSNorm of q and k before RoPE
             q_normed = _rms_norm(qk[:, :heads], layer.q_norm, self.eps)
@@ -103,7 +103,7 @@ class ModelRunner:
             out = q.new_empty(q.shape)  # (T, H, D)
             for group, part in zip(batch.groups, parts, strict=True):
                 out[group.flat_index] = part
-        return F.linear(out.reshape(num_tokens, -1), layer.o_weight, layer.o_bias)  # (T, C)
+        return _linear(out.reshape(num_tokens, -1), layer.o_weight, layer.o_bias)  # (T, C)
 
     def _attend(self, index: int, q: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
         """Attention of the group's queries over its rows' pool slots: (group tokens, H, D) in flat order."""
@@ -176,6 +176,21 @@ def _packed(modules: tuple[torch.nn.Module, ...], name: str) -> torch.Tensor | N
         param.data = packed[offset : offset + param.shape[0]]
         offset += param.shape[0]
     return packed
+
+
+BATCH_INVARIANT_ROWS = 8
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear` whose rows do not depend on how many rows share the step: BLAS picks other kernels (other
+    summation orders) for fewer than 8 rows, so a request's logprobs would change in the last bits with the
+    traffic beside it and a seeded run would not repeat. Padding small steps to 8 rows makes them
+    bit-identical (measured on CPU; tests/service/engine/test_embedded.py)."""
+    rows = x.shape[0]
+    if rows >= BATCH_INVARIANT_ROWS:
+        return F.linear(x, weight, bias)
+    padded = torch.cat((x, x.new_zeros(BATCH_INVARIANT_ROWS - rows, x.shape[1])))
+    return F.linear(padded, weight, bias)[:rows]
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
