@@ -79,6 +79,21 @@ class TestRedisRestart:
         assert db.hgetall(ledger) == {"a": "done", "b": "done"}
         assert db.xpending(stream, "job")["pending"] == 0
 
+    def test_a_read_retried_on_the_new_server_cannot_train_a_lost_commit_twice(
+        self, consumers, db, key_prefix
+    ):
+        _publish(db, key_prefix, "a")
+        consumer = consumers("c1")
+        consumer.commit_batch(consumer.claim(_take(consumer, 1)))
+        db.hdel(trained_ledger("job", key_prefix), "a")  # the AOF lost delivery, claim and commit
+        db.xgroup_setid(trees_stream(key_prefix), "job", "0")
+        _redis_restarted(consumer)
+        # redis-py re-sends a blocked XREADGROUP to the new server before the stream can notice the restart.
+        batch = consumer.admit(consumer.stream._read_new(1, None), toy_reward)
+        assert batch.tree_ids == ["a"]
+        assert consumer.claim(batch).trees == [], "the restart is noticed (and the commit redone) first"
+        assert db.hget(trained_ledger("job", key_prefix), "a") == "done"
+
     def test_a_lost_delivery_of_a_held_tree_is_kept_for_its_commit(self, consumers, db, key_prefix):
         _publish(db, key_prefix, "a")
         consumer = consumers("c1")

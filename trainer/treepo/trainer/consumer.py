@@ -161,6 +161,7 @@ class TreeConsumer:
     def claim(self, batch: Batch) -> Batch:
         """Fence the batch right before its optimizer step (fencing.py): keep only the trees this
         consumer could claim; ack copies of trees already trained or claimed by a live consumer."""
+        self.stream.check_server()  # a Redis restart's lost commits are redone before anything is claimed
         result = self.fence.claim(batch.entry_ids, batch.tree_ids)
         kept = [t for t, s in zip(batch.trees, result.statuses, strict=True) if s == "claimed"]
         dup = [t for t, s in zip(batch.trees, result.statuses, strict=True) if s in ("trained", "busy")]
