@@ -24,7 +24,7 @@ from typing import Any
 import redis
 import torch
 
-from treepo.client.client import TreePOClient
+from treepo.client.client import RetryPolicy, TreePOClient
 from treepo.client.schema import SamplingParams, TreeParams
 from treepo.client.stream import TreeStream
 from treepo.service.task import iter_problems
@@ -274,7 +274,7 @@ def build_run(config: TrainConfig, *, resume: bool = False, log_every_push: bool
         torch.set_num_threads(config.torch_threads)
     policy = Policy.from_pretrained(config.model_path or _default_model(), device=config.device)
     trainer = Trainer(policy, config)
-    client = TreePOClient(config.service_url, token=config.api_token)
+    client = _service_client(config)
     claim_idle_ms = max(1, int(config.claim_idle_s * 1000))
     checkpoint = _latest(config) if resume else None
     saved = read_state(checkpoint) if checkpoint is not None else TrainerState()
@@ -322,6 +322,14 @@ def build_run(config: TrainConfig, *, resume: bool = False, log_every_push: bool
         state,
         lockstep=lockstep,
     )
+
+
+def _service_client(config: TrainConfig) -> TreePOClient:
+    """A client that rides out a service or Redis restart (503, refused connections) for about
+    `redis_retry_s`: backoff 0.5 s doubling to 10 s."""
+    attempts = 6 + max(0, int((config.redis_retry_s - 15.5) // 10) + 1)
+    retry = RetryPolicy(max_attempts=attempts, base_delay_s=0.5, max_delay_s=10.0)
+    return TreePOClient(config.service_url, token=config.api_token, retry=retry)
 
 
 def _default_model() -> str:
@@ -377,7 +385,7 @@ def _build_feeder(config: TrainConfig, client: TreePOClient, state: TrainerState
     problems = iter_problems("train", seed=config.seed * 7919 + state.step)
     progress = StreamProgress(config.redis_url, config.key_prefix, config.group, retry_s=config.redis_retry_s)
     return Feeder(
-        TreePOClient(config.service_url, token=config.api_token),
+        _service_client(config),
         problems,
         request,
         progress,
