@@ -205,6 +205,12 @@ class EngineRuntime:
         served by all, so the others adopt it without loading."""
         return hasattr(self.loaded.metered.inner, "adopt_weights")
 
+    @property
+    def workers_down(self) -> list[str] | None:
+        """The engine's workers that failed its last health check; None for engines without workers."""
+        inner = self._loaded.metered.inner if self._loaded else None
+        return getattr(inner, "unhealthy_workers", None)
+
     def adopt(self, path: str, version: int) -> WeightsInfo:
         """Serve `version`, which another replica loaded on the shared workers (see `shares_weights`)."""
         self.loaded.metered.inner.adopt_weights(path, version)  # type: ignore[attr-defined]

@@ -457,6 +457,7 @@ async def test_an_unreachable_worker_fails_over_to_the_others() -> None:
         async with engine_for([dead, url], prefill_first=False) as engine:
             outputs = await generate_all(engine, [GenerateRequest([p, p + 1], 3) for p in range(1, 13)])
             assert engine._reachable(0) == 1  # the dead worker is routed around for a while
+            assert await engine.health() is False and engine.unhealthy_workers == [dead]
     assert {o.extra["worker"] for o in outputs} == {url}
     assert len(state.generate_bodies) == 12 and all(len(o.output_ids) == 3 for o in outputs)
     async with engine_for([dead, f"http://127.0.0.1:{port()}"]) as engine:

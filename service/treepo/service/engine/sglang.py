@@ -158,6 +158,11 @@ class SGLangEngine:
     def max_context(self) -> int:
         return self._max_context
 
+    @property
+    def unhealthy_workers(self) -> list[str]:
+        """Workers the last health check found down or serving other weights (readyz names them)."""
+        return list(self.admin.unhealthy)
+
     def read_server_limits(self, wait_s: float = 0.0) -> None:
         """Lower `max_context` to what every worker accepts (its /get_server_info), so paths end before
         SGLang would reject them; waits up to `wait_s` for workers that are still starting. Blocking."""

@@ -50,6 +50,7 @@ class WorkerAdmin:
         self._lock = asyncio.Lock()  # one push at a time: an update, or a restarted worker's re-push
         self._repushes: dict[str, asyncio.Task[None]] = {}
         self.catch_up: Callable[[], Awaitable[None]] | None = None  # see SGLangEngine.share_weights
+        self.unhealthy: list[str] = []  # workers the last health check found down or on other weights
 
     def accepts(self, reported: str) -> bool:
         """Whether a worker reporting `reported` serves the current policy version.
@@ -107,7 +108,8 @@ class WorkerAdmin:
         if self.updating:
             return True
         checks = await asyncio.gather(*(self._healthy(url) for url in self.urls), return_exceptions=True)
-        return all(check is True for check in checks)
+        self.unhealthy = [url for url, check in zip(self.urls, checks, strict=True) if check is not True]
+        return not self.unhealthy
 
     async def resync(self, url: str | None) -> None:
         """Bring `url` (None: every worker) back to the current version before it is used again."""

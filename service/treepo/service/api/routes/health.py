@@ -39,6 +39,8 @@ async def readyz(request: Request, runtime: RuntimeDep, queue: QueueDep) -> JSON
         "swapping_weights": runtime.gate.is_swapping,
         "fleet": redact_paths(fleet_error) if fleet_error else "ok",
     }
+    if runtime.workers_down is not None:  # trees still run on the others (requests fail over)
+        body["workers_down"] = runtime.workers_down
     ready = engine_ok and redis_ok and fleet_error is None
     headers = None if ready else {"Retry-After": str(runtime.settings.retry_after_s)}
     return JSONResponse({"ready": ready, **body}, status_code=200 if ready else 503, headers=headers)
