@@ -138,12 +138,12 @@ class BlockManager:
         """Insert the row's first `length` tokens; rows owning duplicates free them and use the tree's."""
         seq_id, table = seq.seq_id, self.tables[seq.seq_id]
         owned_from = self._tree_length[seq_id]
-        present = self.radix.insert(seq.token_ids[:length], table[:length].long())
-        if present > owned_from:  # another row cached these tokens meanwhile
+        present, node = self.radix.insert_node(seq.token_ids[:length], table[:length].long())
+        assert present >= owned_from, f"{present=} {owned_from=}: a locked prefix left the tree"
+        if present > owned_from:  # another row cached these tokens meanwhile: use the tree's slots
             self.pool.free(table[owned_from:present].long())
-        match = self.radix.match_prefix(seq.token_ids[:length])
-        assert match.length == length, f"{match.length=} {length=}"
-        table[:length] = match.indices
+            match = self.radix.match_prefix(seq.token_ids[:present])
+            table[owned_from:present] = match.indices[owned_from:]
         self.num_owned -= length - owned_from
         self._tree_length[seq_id] = length
-        return match.last_node
+        return node

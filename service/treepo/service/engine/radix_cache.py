@@ -99,6 +99,10 @@ class RadixCache:
 
         The slots `value[:returned]` are not taken by the tree: the caller still owns (and frees) them.
         """
+        return self.insert_node(key, value)[0]
+
+    def insert_node(self, key: Sequence[int], value: torch.Tensor) -> tuple[int, TreeNode]:
+        """`insert`, also returning the node `key` ends at (lock it to keep the key cached)."""
         key = tuple(key)
         assert value.numel() == len(key), f"{value.numel()=} {len(key)=}"
         node, pos = self.root, 0
@@ -116,7 +120,8 @@ class RadixCache:
             node.children[key[pos]] = leaf
             self._evictable += len(leaf.key)
             self._push(leaf)
-        return pos
+            node = leaf
+        return pos, node
 
     def inc_lock_ref(self, node: TreeNode) -> None:
         """Protect `node` and its ancestors from eviction (one count per user)."""

@@ -120,8 +120,10 @@ class Scheduler:
         """Whether a prefilling row is computing >= min_shared_prefix_tokens of `seq`'s input right now."""
         need = self.config.min_shared_prefix_tokens
         for other in self.running:
+            if not other.is_prefilling:
+                continue
             shared = _common_length(seq.token_ids, other.token_ids, other.num_input_tokens)
-            if other.is_prefilling and shared >= other.num_cached_tokens + need:
+            if shared >= other.num_cached_tokens + need:
                 return True
         return False
 

@@ -9,10 +9,13 @@ distribution (temperature 1, no filtering): the `old_per_token_logprobs` an RL t
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+_local = threading.local()
 
 
 @dataclass(slots=True)
@@ -80,7 +83,9 @@ class SamplingBatch:
 
 def draw_uniforms(seed: int, n: int) -> list[float]:
     """The `n` uniforms a request with `seed` draws its tokens with (its k-th token uses the k-th)."""
-    generator = torch.Generator()
+    generator = getattr(_local, "generator", None)
+    if generator is None:  # one per thread, re-seeded per request (creating one costs more than drawing)
+        generator = _local.generator = torch.Generator()
     generator.manual_seed(seed % 2**63)
     return torch.rand(n, generator=generator).tolist()
 
