@@ -4,7 +4,9 @@ Prints one JSON object (`--json`) or rich tables: the default shape for both sch
 depth x segment shapes (equal budget d*l) with TrajPS and TokenPS ratios, like the paper's Figures 4-5.
 Regimes: `throughput` offers many more paths than the engine's running-row cap (rows freed by shared
 prefixes and early stops are refilled by other trees' paths: what a busy GPU sees); `latency` gives the
-engine room for every row at once.
+engine room for every row at once. `--engine sglang` runs the same on a real SGLang server (bench_sglang.py;
+its own scheduler caps rows), keeping the median run of each mode instead of the fastest: a sequential
+run's wall time varies several-fold as its rows overflow SGLang's KV budget.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from treepo.service.sampler.bench_run import RunStats, ratios, run_mode
 logger = logging.getLogger(__name__)
 
 MODES = ("sequential", "sync", "async")
+ENGINES = ("embedded", "sglang")
 REGIMES = ("throughput", "latency")
 # `--model random-25m`: a compute-bound stand-in (random init, the shipped tokenizer), ~25 M parameters
 RANDOM_25M_SHAPE = {
@@ -89,12 +92,22 @@ def bench_sampling(
     repeats: Annotated[int, typer.Option(min=1, help="Runs per measurement; the fastest is kept.")] = 2,
     device: Annotated[str, typer.Option(help="torch device of the embedded engine.")] = "cpu",
     threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0 = torch default).")] = 1,
+    engine: Annotated[str, typer.Option(help="embedded | sglang (a real SGLang server).")] = "embedded",
+    sglang_url: Annotated[
+        str | None,
+        typer.Option(help="SGLang server serving --model; default: launch the pinned one (make sglang-env)."),
+    ] = None,
+    max_total_tokens: Annotated[
+        int, typer.Option(min=64, help="KV budget (tokens) of the SGLang server launched here.")
+    ] = 16384,
 ) -> None:
     """Tree vs sequential sampling: trajectories/s, tokens/s, decoded tokens, prefix cache, peak KV."""
     import torch
 
     if regime not in REGIMES:
         raise typer.BadParameter(f"unknown regime {regime!r}; expected one of {', '.join(REGIMES)}")
+    if engine not in ENGINES:
+        raise typer.BadParameter(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
     if threads:
         torch.set_num_threads(threads)
     table = parse_shapes(shapes)
@@ -103,12 +116,21 @@ def bench_sampling(
     with tempfile.TemporaryDirectory() as tmp:
         model_path = _resolve_model(model, Path(tmp), seed)
         longest = segment * depth if not table else max(segment * depth, *(d * s for d, s in table))
-        bench = _Bench.load(model_path, prompts, width, longest, device, rows)
-        bench.temperature, bench.seed, bench.repeats = temperature, seed, repeats
-        result = asyncio.run(bench.measure(depth, segment, table))
+        if engine == "sglang":
+            from treepo.service.sampler.bench_sglang import sglang_engine
+
+            with sglang_engine(model_path, sglang_url, max_total_tokens) as (server, info):
+                bench = _Bench.load(model_path, prompts, width, longest, device, rows, server)
+                bench.temperature, bench.seed, bench.repeats, bench.median = temperature, seed, repeats, True
+                result = asyncio.run(bench.measure(depth, segment, table, close=True))
+            result["config"].update(info, engine="sglang", pick="median")
+        else:
+            bench = _Bench.load(model_path, prompts, width, longest, device, rows)
+            bench.temperature, bench.seed, bench.repeats = temperature, seed, repeats
+            result = asyncio.run(bench.measure(depth, segment, table))
+        parameters = _parameters(model_path)
     result["config"].update(
-        model=model or "tiny-arith (shipped)", regime=regime, max_running_rows=rows,
-        parameters=sum(p.numel() for p in bench.engine.model.parameters()),
+        model=model or "tiny-arith (shipped)", regime=regime, max_running_rows=rows, parameters=parameters,
         prompts=prompts, width=width, segment=segment, depth=depth,
         temperature=temperature, seed=seed, device=device, repeats=repeats, threads=torch.get_num_threads(),
         machine=f"{platform.machine()}, {os.cpu_count()} CPU cores",
@@ -123,7 +145,7 @@ def bench_sampling(
 class _Bench:
     """One engine and prompt set; every run starts from a cold prefix cache."""
 
-    engine: Any  # EmbeddedEngine (imported lazily: torch)
+    engine: Any  # EmbeddedEngine or SGLangEngine (imported lazily)
     decode: Callable[[list[int]], str]
     prompt_ids: list[list[int]]
     width: int
@@ -131,12 +153,14 @@ class _Bench:
     temperature: float = 1.0
     seed: int = 0
     repeats: int = 3
+    median: bool = False  # keep the median run of each mode, not the fastest
 
     @classmethod
     def load(
-        cls, model_path: Path, num_prompts: int, width: int, longest: int, device: str, rows: int
-    ) -> _Bench:
-        """An engine with `rows` running rows and KV room for all of them at their longest."""
+        cls, model_path: Path, num_prompts: int, width: int, longest: int, device: str, rows: int,
+        sglang: Any = None,
+    ) -> _Bench:  # fmt: skip
+        """An engine with `rows` running rows and KV room for all of them at their longest (or `sglang`)."""
         from transformers import AutoTokenizer
 
         from treepo.service.engine.embedded import EmbeddedEngine
@@ -144,9 +168,14 @@ class _Bench:
 
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         prompt_ids = [tokenizer.encode(p.prompt) for p in generate_problems("test", num_prompts, seed=0)]
-        tokens = rows * (max(map(len, prompt_ids)) + longest)
-        engine = EmbeddedEngine(model_path, device=device, max_kv_tokens=tokens, max_running_rows=rows)
-        kv_bytes = engine.pool.shape.bytes_per_token
+        if sglang is not None:
+            from treepo.service.sampler.bench_sglang import kv_bytes_per_token
+
+            engine, kv_bytes = sglang, kv_bytes_per_token(model_path)
+        else:
+            tokens = rows * (max(map(len, prompt_ids)) + longest)
+            engine = EmbeddedEngine(model_path, device=device, max_kv_tokens=tokens, max_running_rows=rows)
+            kv_bytes = engine.pool.shape.bytes_per_token
 
         def decode(ids: list[int]) -> str:
             return tokenizer.decode(ids, skip_special_tokens=True)
@@ -163,16 +192,27 @@ class _Bench:
         )  # fmt: skip
 
     async def best(self, depth: int, segment: int) -> dict[str, RunStats]:
-        """Each mode `repeats` times, interleaved; the fastest run of each (the machine may be shared)."""
-        runs: dict[str, RunStats] = {}
+        """Each mode `repeats` times, interleaved; the fastest run of each (the machine may be shared), or
+        the median one on SGLang (whose sequential runs vary with KV pressure)."""
+        runs: dict[str, list[RunStats]] = {mode: [] for mode in MODES}
         for _ in range(self.repeats):
             for mode in MODES:
-                stats = await self.run(depth, segment, mode)
-                if mode not in runs or stats.wall_s < runs[mode].wall_s:
-                    runs[mode] = stats
-        return runs
+                runs[mode].append(await self.run(depth, segment, mode))
+        return {
+            mode: sorted(done, key=lambda r: r.wall_s)[(len(done) - 1) // 2 if self.median else 0]
+            for mode, done in runs.items()
+        }
 
-    async def measure(self, depth: int, segment: int, table: list[tuple[int, int]]) -> dict[str, Any]:
+    async def measure(
+        self, depth: int, segment: int, table: list[tuple[int, int]], close: bool = False
+    ) -> dict[str, Any]:
+        try:
+            return await self._measure(depth, segment, table)
+        finally:
+            if close:  # an HTTP engine's client lives in this event loop
+                await self.engine.aclose()
+
+    async def _measure(self, depth: int, segment: int, table: list[tuple[int, int]]) -> dict[str, Any]:
         await self.run(depth, segment, "sync", num_prompts=4)  # warm-up (allocator, kernels, lazy pool)
         default = await self.best(depth, segment)
         rows = []
@@ -194,6 +234,22 @@ class _Bench:
             "ratios_async": ratios(default["async"], default["sequential"]),
             "shapes": rows,
         }
+
+
+def _parameters(model_path: Path) -> int:
+    """Parameters in the checkpoint's safetensors files (tied tensors once)."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(model_path.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as tensors:
+            for name in tensors.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                shape = tensors.get_slice(name).get_shape()
+                count = 1
+                for size in shape:
+                    count *= size
+                total += count
+    return total
 
 
 def _resolve_model(model: str, tmp: Path, seed: int) -> Path:

@@ -84,7 +84,9 @@ async def run_mode(
     """
     flush = getattr(engine, "flush_cache", None)
     if flush is not None:
-        flush()
+        flushed = flush()
+        if asyncio.iscoroutine(flushed):  # SGLang: an HTTP call to each worker
+            await flushed
     reset = getattr(engine, "reset_peaks", None)
     if reset is not None:
         reset()
