@@ -99,6 +99,12 @@ class ServiceMetrics:
         self.redis_memory = Gauge(
             "treepo_redis_memory_bytes", "Memory Redis uses (INFO used_memory).", registry=r
         )
+        self.engine_worker_weight_version = Gauge(
+            "treepo_engine_worker_weight_version",
+            "Weights version each SGLang worker last reported (0: its launch weights, e.g. after a restart).",
+            ["worker"],
+            registry=r,
+        )
         self.redis_trimmed = Counter(
             "treepo_redis_trimmed_entries",
             "Stream entries trimmed: trees every training group acknowledged, expired failure records.",

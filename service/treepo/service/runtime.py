@@ -227,6 +227,9 @@ class EngineRuntime:
         except Exception:
             logger.warning("engine health check failed", exc_info=True)
             return False
+        finally:  # SGLang workers: what each serves, as its health check found it
+            for worker, version in getattr(self._loaded.metered.inner, "worker_versions", {}).items():
+                self.metrics.engine_worker_weight_version.labels(worker=worker).set(version)
 
     async def close(self) -> None:
         inner = self._loaded.metered.inner if self._loaded else None

@@ -483,3 +483,13 @@ async def test_a_version_pushed_by_another_replica_is_adopted_not_reverted() -> 
 
 async def _adopt(engine: SGLangEngine, path: str, version: int) -> None:
     engine.adopt_weights(path, version)
+
+
+async def test_worker_versions_are_what_each_worker_reported() -> None:
+    states = [scripted_state(weight_version="default"), scripted_state(weight_version="default")]
+    with serve(states[0], port()) as url_a, serve(states[1], port()) as url_b:
+        async with engine_for([url_a, url_b]) as engine:
+            await engine.update_weights("/ckpt/step-4", 4)
+            states[1].weight_version = "default"  # restarted
+            await engine.health()
+    assert engine.worker_versions == {url_a: 4, url_b: 0}

@@ -163,6 +163,11 @@ class SGLangEngine:
         """Workers the last health check found down or serving other weights (readyz names them)."""
         return list(self.admin.unhealthy)
 
+    @property
+    def worker_versions(self) -> dict[str, int]:
+        """The weights version each worker last reported (0: its launch weights, "default")."""
+        return {url: int(v) if v.isdigit() else 0 for url, v in self.admin.reported.items()}
+
     def read_server_limits(self, wait_s: float = 0.0) -> None:
         """Lower `max_context` to what every worker accepts (its /get_server_info), so paths end before
         SGLang would reject them; waits up to `wait_s` for workers that are still starting. Blocking."""

@@ -49,6 +49,7 @@ class WorkerAdmin:
         self.num_repushes = 0  # current weights re-pushed to a restarted worker (tests, logs)
         self._lock = asyncio.Lock()  # one push at a time: an update, or a restarted worker's re-push
         self._repushes: dict[str, asyncio.Task[None]] = {}
+        self.reported: dict[str, str] = {}  # worker -> the weight_version it last reported
         self.catch_up: Callable[[], Awaitable[None]] | None = None  # see SGLangEngine.share_weights
         self.unhealthy: list[str] = []  # workers the last health check found down or on other weights
 
@@ -157,7 +158,8 @@ class WorkerAdmin:
     async def _reported(self, url: str) -> str:
         response = await self._http("GET", url + "/get_model_info", timeout_s=self.health_timeout_s)
         raise_for_status(response, url)
-        return str(response.json().get("weight_version", ""))
+        self.reported[url] = str(response.json().get("weight_version", ""))
+        return self.reported[url]
 
     async def _push(self, url: str, model_dir: str, version: int) -> None:
         if self.pause_for_update:
