@@ -113,4 +113,5 @@ def test_two_replicas_two_workers_push_and_a_killed_worker(replicas, sglang, vic
     for service in (a, b):  # readiness says a worker is gone; trees still run on the other
         ready = service.http.get("/readyz")
         assert ready.status_code == 503 and ready.json()["engine"] == "unhealthy", ready.text
+        assert ready.json()["workers_down"] == [victim.url]
     assert all(len(tree["leaves"]) == TREE["width"] for tree in rollout(a, 2, 60))
