@@ -32,7 +32,7 @@ def make_stream(redis_url, key_prefix):
     def make(consumer: str = "c1", **kwargs) -> TreeStream:
         kwargs.setdefault("block_ms", 10)
         stream = TreeStream(redis_url, "g", consumer, key_prefix, **kwargs)
-        stream.ensure_group()
+        stream.ensure_group(start="0")  # these tests publish first, then read
         streams.append(stream)
         return stream
 
@@ -53,6 +53,18 @@ class TestTreeStream:
         stream.ensure_group()
         assert client.exists(trees_stream(key_prefix))
         assert stream.pending() == 0
+
+    def test_a_new_group_reads_only_new_trees_unless_asked_for_the_history(
+        self, redis_url, client, key_prefix
+    ):
+        _publish(client, key_prefix, "old")
+        fresh = TreeStream(redis_url, "fresh", "c", key_prefix, block_ms=10)
+        fresh.ensure_group()
+        history = TreeStream(redis_url, "history", "c", key_prefix, block_ms=10)
+        history.ensure_group(start="0")
+        _publish(client, key_prefix, "new")
+        assert [s.tree.tree_id for s in fresh.read(5)] == ["new"]
+        assert [s.tree.tree_id for s in history.read(5)] == ["old", "new"]
 
     def test_read_then_ack(self, make_stream, client, key_prefix):
         ids = _publish(client, key_prefix, "a", "b", "c")

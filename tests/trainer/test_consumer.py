@@ -58,7 +58,7 @@ def make_consumer(redis_url, key_prefix):
 
     def make(name: str = "c1", *, claim_idle_ms: int = 60_000, **kwargs) -> TreeConsumer:
         stream = TreeStream(redis_url, "job", name, key_prefix, block_ms=10, claim_idle_ms=claim_idle_ms)
-        stream.ensure_group()
+        stream.ensure_group(start="0")  # these tests publish first, then read
         consumer = TreeConsumer(stream, **kwargs)
         made.append(consumer)
         return consumer

@@ -28,7 +28,7 @@ def consumers(redis_url, key_prefix):
 
     def make(name: str, *, claim_idle_ms: int = 60_000, **kwargs) -> TreeConsumer:
         stream = TreeStream(redis_url, "job", name, key_prefix, block_ms=10, claim_idle_ms=claim_idle_ms)
-        stream.ensure_group()
+        stream.ensure_group(start="0")  # these tests publish first, then read
         made.append(TreeConsumer(stream, **kwargs))
         return made[-1]
 

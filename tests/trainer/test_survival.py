@@ -37,7 +37,7 @@ def consumers(redis_url, key_prefix):
 
     def make(name: str) -> TreeConsumer:
         stream = TreeStream(redis_url, "job", name, key_prefix, block_ms=10)
-        stream.ensure_group()
+        stream.ensure_group(start="0")  # these tests publish first, then read
         made.append(TreeConsumer(stream))
         return made[-1]
 

@@ -126,11 +126,12 @@ class TreeStream:
 
     # Public API
 
-    def ensure_group(self) -> None:
-        """Create the group (and the stream) reading from the start; an existing group is kept (and its
-        entries-read repaired if a Redis restart lost it)."""
+    def ensure_group(self, start: str = "$") -> None:
+        """Create the group (and the stream); an existing group is kept (and its entries-read repaired if a
+        Redis restart lost it). A new group reads what is published from now on (`$`), or the whole
+        retained stream with `start="0"`."""
         try:
-            self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+            self.redis.xgroup_create(self.stream, self.group, id=start, mkstream=True)
         except redis.ResponseError as error:
             if "BUSYGROUP" not in str(error):
                 raise

@@ -42,6 +42,11 @@ class TrainConfig:
     redis_url: str = _help("Redis holding the trees stream.", "redis://127.0.0.1:6379/0")
     key_prefix: str = _help("Redis key prefix shared with the service.", "treepo")
     group: str = _help("Consumer group of this training job.", "trainer")
+    read_history: bool = _help(
+        "A new consumer group reads the trees already in the stream too (default: only trees published "
+        "after it was created, so a new job does not train on another job's leftovers).",
+        False,
+    )
     consumer: str = _help(
         "Consumer name in the group (default: <host>-<hash of --output-dir>; on --resume the checkpoint's).",
         "",

@@ -288,7 +288,7 @@ def build_run(config: TrainConfig, *, resume: bool = False, log_every_push: bool
         claim_idle_ms=claim_idle_ms,
         retry_s=config.redis_retry_s,
     )
-    stream.ensure_group()
+    stream.ensure_group(start="0" if config.read_history else "$")
     overlong = (
         OverlongPenalty(config.max_new_tokens, config.overlong_buffer, config.overlong_factor)
         if config.overlong_buffer > 0
