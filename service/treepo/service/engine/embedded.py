@@ -112,7 +112,7 @@ class EmbeddedEngine:
         self._validate(request)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        row = self._row(request, lambda result: loop.call_soon_threadsafe(_settle, future, result))
+        row = self._row(request, _LoopDelivery(loop, future))
         self._inbox.append(("add", row))
         loop.call_soon(self._wake.set)  # after the other tasks of this tick: their requests join together
         try:
@@ -225,8 +225,15 @@ class EmbeddedEngine:
                 self.scheduler.abort(row.seq_id)
                 row.deliver(EngineError(f"embedded engine failed a step: {error}"))
             return
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for row in self.scheduler.postprocess(rows, samples):
-            row.deliver(self._output(row))
+            output = self._output(row)
+            if isinstance(row.deliver, _LoopDelivery):  # one wake-up per event loop per step
+                by_loop.setdefault(row.deliver.loop, []).append((row.deliver.future, output))
+            else:
+                row.deliver(output)
+        for loop, results in by_loop.items():
+            loop.call_soon_threadsafe(_settle_all, results)
 
     def _forward(self, rows: list[Row]) -> dict[int, tuple[int, float]]:
         """One model step over `rows`; returns seq_id -> (token, logprob) for the rows that sampled."""
@@ -339,6 +346,22 @@ class EmbeddedEngine:
             raise EngineRequestError(f"top_p must be in (0, 1] (got {request.top_p})")
         if request.top_k != -1 and request.top_k < 1:
             raise EngineRequestError(f"top_k must be -1 (off) or >= 1 (got {request.top_k})")
+
+
+@dataclass(slots=True, frozen=True)
+class _LoopDelivery:
+    """Resolves an asyncio future from the worker thread (`_step` batches these per event loop)."""
+
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+
+    def __call__(self, result: Any) -> None:
+        self.loop.call_soon_threadsafe(_settle, self.future, result)
+
+
+def _settle_all(results: list[tuple[asyncio.Future, Any]]) -> None:
+    for future, result in results:
+        _settle(future, result)
 
 
 def _settle(future: asyncio.Future | concurrent.futures.Future, result: Any) -> None:
