@@ -126,7 +126,10 @@ class SGLangEngine:
         admin = admin_api_key or api_key
         self._admin_headers = {"Authorization": f"Bearer {admin}"} if admin else {}
         self._timeout = httpx.Timeout(timeout_s, connect=min(10.0, timeout_s))
-        self._limits = httpx.Limits(max_connections=max_in_flight + 32, max_keepalive_connections=64)
+        # idle connections expire before SGLang's uvicorn closes them (SGLANG_TIMEOUT_KEEP_ALIVE, 5 s)
+        self._limits = httpx.Limits(
+            max_connections=max_in_flight + 32, max_keepalive_connections=64, keepalive_expiry=2.0
+        )
         self._slots = asyncio.Semaphore(max_in_flight)
         self._client: httpx.AsyncClient | None = None
         self.admin = WorkerAdmin(
@@ -397,12 +400,20 @@ class SGLangEngine:
     async def _request(
         self, method: str, url: str, body: Any = None, *, admin: bool = False, timeout_s: float | None = None
     ) -> httpx.Response:
-        """One HTTP call; transport failures become `EngineUnavailable`."""
+        """One HTTP call; transport failures become `EngineUnavailable`.
+
+        A pooled connection the server closed meanwhile fails with a read/protocol error: the call is
+        retried once on a fresh connection (a dead server then fails to connect).
+        """
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=self._timeout, limits=self._limits)
         headers = self._admin_headers if admin else self._headers
         timeout = httpx.Timeout(timeout_s) if timeout_s is not None else httpx.USE_CLIENT_DEFAULT
+        request = self._client.build_request(method, url, json=body, headers=headers, timeout=timeout)
         try:
-            return await self._client.request(method, url, json=body, headers=headers, timeout=timeout)
+            try:
+                return await self._client.send(request)
+            except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+                return await self._client.send(request)  # once more, on a fresh connection
         except httpx.TransportError as exc:
             raise EngineUnavailable(f"SGLang worker {url} unreachable: {type(exc).__name__}: {exc}") from exc
