@@ -154,13 +154,15 @@ def _ids_match(item: dict[str, Any]) -> bool:
 
 
 _VARIABLE = {"cached_tokens_details", "dp_rank", "matched"}  # null or not depending on the run
+# request timing stats: present or not depending on --enable-metrics and the request's path
+_TIMING = ("_ts", "_latency", "_throughput", "_time", "_wait")
 
 
 def _shape(value: Any, key: str = "") -> Any:
     if key in _VARIABLE:
         return "any"
     if isinstance(value, dict):
-        return {k: _shape(v, k) for k, v in sorted(value.items())}
+        return {k: _shape(v, k) for k, v in sorted(value.items()) if not k.endswith(_TIMING)}
     if isinstance(value, list):
         return [_shape(value[0], key)] if value else []
     if isinstance(value, bool) or value is None:

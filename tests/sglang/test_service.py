@@ -23,11 +23,14 @@ def service(sglang, tmp_path_factory, redis_url_session):
     service.stop()
 
 
-def write_weights(service: Service, model_path, name: str, scale: float) -> str:
-    """The tiny model with its embedding scaled by `scale`, saved the way `treepo train` pushes it."""
+def write_weights(service: Service, model_path, name: str, noise: float) -> str:
+    """The tiny model plus seeded Gaussian noise of std `noise` on every tensor, saved the way `treepo train`
+    pushes it (0: the original weights)."""
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(scale)
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * noise)
     save_file(policy_tensors(model), str(service.weights_dir / name), metadata={"format": "pt"})
     return name
 
@@ -66,10 +69,12 @@ def test_a_tree_end_to_end(service) -> None:
 
 
 def test_weight_push_changes_outputs_and_the_original_restores_them(service, model_path) -> None:
-    before = greedy(service)
     version = service.http.get("/weights").json()["policy_version"]
-    changed = write_weights(service, model_path, "perturbed.safetensors", 1.5)
-    original = write_weights(service, model_path, "original.safetensors", 1.0)
+    original = write_weights(service, model_path, "original.safetensors", 0.0)
+    changed = write_weights(service, model_path, "perturbed.safetensors", 0.2)
+    # the shared server may serve what an earlier test pushed: start from the shipped weights
+    assert service.http.post("/weights", json={"path": original, "version": version + 1}).status_code == 200
+    before = greedy(service)
 
     readiness: list[int] = []
     done = threading.Event()
@@ -81,17 +86,17 @@ def test_weight_push_changes_outputs_and_the_original_restores_them(service, mod
     poller = threading.Thread(target=poll_readyz)
     poller.start()
     try:
-        pushed = service.http.post("/weights", json={"path": changed, "version": version + 1})
+        pushed = service.http.post("/weights", json={"path": changed, "version": version + 2})
     finally:
         done.set()
         poller.join()
     assert pushed.status_code == 200, pushed.text
     assert set(readiness) <= {200}
     after = greedy(service)
-    assert after["policy_version"] == version + 1
+    assert after["policy_version"] == version + 2
     assert after["nodes"][0]["token_ids"] != before["nodes"][0]["token_ids"]
 
-    restored = service.http.post("/weights", json={"path": original, "version": version + 2})
+    restored = service.http.post("/weights", json={"path": original, "version": version + 3})
     assert restored.status_code == 200, restored.text
     again = greedy(service)
     assert again["nodes"][0]["token_ids"] == before["nodes"][0]["token_ids"]

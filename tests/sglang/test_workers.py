@@ -62,7 +62,7 @@ def test_push_reaches_both_then_a_failing_worker_then_a_restart(
     texts = [f"What is {a}*3? " for a in range(2, 10)]  # routed to both workers
     version = service.http.get("/weights").json()["policy_version"]
     baseline = [greedy(service, text)["nodes"][0]["token_ids"] for text in texts]
-    changed = write_weights(service, model_path, "w-perturbed.safetensors", 1.5)
+    changed = write_weights(service, model_path, "w-perturbed.safetensors", 0.2)
     pushed = service.http.post("/weights", json={"path": changed, "version": version + 1})
     assert pushed.status_code == 200, pushed.text
     assert weight_version(sglang.url) == weight_version(second.url) == str(version + 1)
