@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from treepo.service.engine.sglang_server import die_with_parent
+
 TREEPO = str(Path(sys.executable).parent / "treepo")
 
 
@@ -44,7 +46,9 @@ class Service:
         }
         variables.pop("TREEPO_API_TOKEN", None)
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(command, env=variables, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                command, env=variables, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+            )
         self.http = httpx.Client(base_url=self.url, timeout=300)
 
     def log_tail(self, lines: int = 40) -> str:

@@ -10,9 +10,12 @@ temperature-scaled one: the policy-gradient ratio needs the former.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,9 +120,21 @@ def start_server(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
         )
     return SGLangServer(f"http://127.0.0.1:{port}", process, log_path, command)
+
+
+def die_with_parent() -> None:
+    """Kill the server when its launcher dies (a test run killed on timeout leaves none behind): SGLang's own
+    processes die with it."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _has_kernel(python: Path) -> bool:
