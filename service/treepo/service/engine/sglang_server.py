@@ -102,7 +102,11 @@ def start_server(
     max_total_tokens: int = 4096,
     extra_args: list[str] | tuple[str, ...] = (),
 ) -> SGLangServer:
-    """Start (not wait for) an SGLang server from `python` (default .venv-sglang/bin/python)."""
+    """Start (not wait for) an SGLang server from `python` (default .venv-sglang/bin/python).
+
+    On Linux the server dies with the thread that started it: call this from the main thread, not from a
+    short-lived worker thread.
+    """
     python = Path(python or os.environ.get("SGLANG_PYTHON") or DEFAULT_PYTHON)
     if not python.exists():
         raise SGLangLaunchError(
