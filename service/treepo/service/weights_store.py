@@ -17,6 +17,7 @@ from typing import Any
 
 from treepo.client.schema import WeightsInfo
 from treepo.service.checkpoint import CheckpointError, check_checkpoint, check_file
+from treepo.service.engine.protocol import EngineUnavailable
 from treepo.service.fleet import Fleet, FleetWeights
 from treepo.service.runtime import EngineRuntime, VersionConflict
 
@@ -198,6 +199,12 @@ class WeightsStore:
             info = await runtime.update_weights(str(path), version)
         except VersionConflict as exc:
             raise WeightsRefused(409, str(exc)) from None
+        except EngineUnavailable as exc:  # not the checkpoint's fault: retry once the engine is back
+            raise WeightsRefused(
+                503,
+                f"the engine could not be reached ({exc}); policy_version stays "
+                f"{runtime.weights.policy_version}; retry after the Retry-After delay",
+            ) from None
         except Exception as exc:  # the engine could not load them; the previous weights stay
             logger.exception("weight update from %s failed", path)
             raise WeightsRefused(

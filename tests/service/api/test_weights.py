@@ -11,6 +11,7 @@ from api_helpers import SMALL_TREE, Service, factory_of
 from safetensors.numpy import save, save_file
 
 from treepo.client.schema import Tree, WeightsInfo
+from treepo.service.engine.protocol import EngineUnavailable
 from treepo.service.engine.scripted import ScriptedEngine
 from treepo.service.factory import printable_script
 
@@ -25,6 +26,13 @@ class SlowSwapEngine(ScriptedEngine):
     async def update_weights(self, path: str, version: int) -> None:
         await asyncio.sleep(self.swap_s)
         await super().update_weights(path, version)
+
+
+class UnreachableEngine(ScriptedEngine):
+    """Generation works, but the weight load cannot reach the backend (a worker down)."""
+
+    async def update_weights(self, path: str, version: int) -> None:
+        raise EngineUnavailable("SGLang worker http://w:30000 unreachable")
 
 
 def _checkpoint(service: Service, name: str = "step-1.safetensors", value: float = 0.5) -> Path:
@@ -142,3 +150,13 @@ def test_a_tree_sampled_across_an_update_records_each_segments_version(make_serv
     versions = [node.policy_version for node in sorted(tree.nodes, key=lambda n: n.depth)]
     assert tree.policy_version == 0 and versions[0] == 0 and versions[-1] == 1
     assert versions == sorted(versions)
+
+
+def test_an_unreachable_engine_is_503_with_retry_after_and_the_version_stays(make_service) -> None:
+    service = make_service(engine_factory=factory_of(UnreachableEngine))
+    _checkpoint(service)
+    with service.client() as http:
+        refused = http.post("/weights", json={"path": "step-1.safetensors"})
+        current = http.get("/weights").json()
+    assert refused.status_code == 503 and refused.headers["Retry-After"]
+    assert "could not be reached" in refused.json()["detail"] and current["policy_version"] == 0

@@ -220,6 +220,16 @@ async def test_weight_update_reaches_every_worker() -> None:
     assert engine.policy_version == 5
 
 
+async def test_a_worker_that_cannot_be_reached_during_an_update_is_unavailable_not_invalid() -> None:
+    state = scripted_state(weight_version="0")
+    dead = f"http://127.0.0.1:{port()}"  # nothing listens there
+    with serve(state, port()) as url:
+        async with engine_for([url, dead]) as engine:
+            with pytest.raises(EngineUnavailable, match="1 of 2 SGLang workers"):
+                await engine.update_weights("/ckpt/step-1", 1)
+    assert engine.policy_version == 0
+
+
 async def test_admin_key_guards_weight_updates() -> None:
     state = scripted_state(api_key="user", admin_api_key="adm")
     with serve(state, port()) as url:

@@ -33,6 +33,12 @@ class WeightUpdateError(EngineError):
     reason = "weight_update"
 
 
+class WorkersUnreachable(WeightUpdateError, EngineUnavailable):
+    """A worker could not be reached during the update: a retry later may succeed (HTTP 503)."""
+
+    reason = "engine_unavailable"
+
+
 class WorkerAdmin:
     """Weights and health of a fixed set of SGLang workers."""
 
@@ -94,7 +100,8 @@ class WorkerAdmin:
                 self.updating = False
             failures = [f"{url}: {r}" for url, r in zip(self.urls, results, strict=True) if r is not None]
             if failures:  # the workers that loaded it are re-pushed the current version when next checked
-                raise WeightUpdateError(
+                unreachable = any(isinstance(r, EngineUnavailable) for r in results)
+                raise (WorkersUnreachable if unreachable else WeightUpdateError)(
                     f"weight update to version {version} failed on {len(failures)} of {len(self.urls)} "
                     "SGLang workers: " + "; ".join(failures)
                 )

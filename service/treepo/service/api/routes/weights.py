@@ -72,7 +72,7 @@ _RESPONSES: dict[int | str, dict] = {
         "description": "bad body, path or version; not a safetensors file; NaN/Inf weights; or weights the "
         "engine cannot load",
     },
-    503: {"model": ErrorBody, "description": "the engine is not loaded yet (Retry-After)"},
+    503: {"model": ErrorBody, "description": "the engine is not loaded yet or unreachable (Retry-After)"},
 }
 
 
@@ -106,6 +106,9 @@ async def update_weights(request: Request, runtime: RuntimeDep, store: StoreDep)
             update = await _json_update(request)
             info = await store.push_path(runtime, update.path, update.version)
     except WeightsRefused as exc:
+        if exc.status == 503:
+            retry = request.app.state.settings.retry_after_s
+            raise ApiError(503, exc.detail, reason="unavailable", retry_after_s=retry) from None
         raise ApiError(exc.status, exc.detail, reason="invalid") from None
     except FleetBusy as exc:
         retry = request.app.state.settings.retry_after_s
