@@ -6,20 +6,12 @@ from __future__ import annotations
 import time
 
 import pytest
-import redis
 from test_consumer import MIXED, _tree
 
 from treepo.client.constants import TREE_FIELD, trained_ledger, trees_stream
 from treepo.client.stream import TreeStream
 from treepo.trainer.consumer import TreeConsumer
 from treepo.trainer.rewards import toy_reward
-
-
-@pytest.fixture
-def db(redis_url):
-    connection = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield connection
-    connection.close()
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import time
 from types import SimpleNamespace
 
 import pytest
-import redis
 from test_consumer import MIXED, _tree
 from test_fencing import _publish, _take
 
@@ -22,13 +21,6 @@ from treepo.trainer.consumer import TreeConsumer
 from treepo.trainer.feeder import FEED_KEY, SEQ_KEY, Feeder, FeedRequest, StreamProgress
 from treepo.trainer.lockstep import LockstepAssembler
 from treepo.trainer.rewards import toy_reward
-
-
-@pytest.fixture
-def db(redis_url):
-    connection = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield connection
-    connection.close()
 
 
 @pytest.fixture
