@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import typer
 
-from treepo.service.bench_load import bench_load
-from treepo.service.bench_service import bench_service
-from treepo.service.engine.bench import bench_engine
-from treepo.service.sampler.bench import bench_sampling
+from treepo.service.bench.engine import bench_engine
+from treepo.service.bench.load import bench_load
+from treepo.service.bench.sampling import bench_sampling
+from treepo.service.bench.service import bench_service
 from treepo.service.serve import serve
 from treepo.service.tinymodel import init_model
 

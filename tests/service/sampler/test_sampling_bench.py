@@ -7,9 +7,9 @@ import typer
 from sampler_helpers import EOS, PROMPT, decode, eos_at, no_eos
 
 from treepo.client.schema import SamplingParams, TreeParams
+from treepo.service.bench.sampling import RANDOM_25M_SHAPE, parse_shapes
+from treepo.service.bench.sampling_run import RunStats, ratios, run_mode
 from treepo.service.engine.scripted import ScriptedEngine
-from treepo.service.sampler.bench import RANDOM_25M_SHAPE, parse_shapes
-from treepo.service.sampler.bench_run import RunStats, ratios, run_mode
 
 
 def test_parse_shapes() -> None:

@@ -4,7 +4,7 @@ Prints one JSON object (`--json`) or rich tables: the default shape for both sch
 depth x segment shapes (equal budget d*l) with TrajPS and TokenPS ratios, like the paper's Figures 4-5.
 Regimes: `throughput` offers many more paths than the engine's running-row cap (rows freed by shared
 prefixes and early stops are refilled by other trees' paths: what a busy GPU sees); `latency` gives the
-engine room for every row at once. `--engine sglang` runs the same on a real SGLang server (bench_sglang.py;
+engine room for every row at once. `--engine sglang` runs the same on a real SGLang server (sampling_sglang.py;
 its own scheduler caps rows), keeping the median run of each mode instead of the fastest: a sequential
 run's wall time varies several-fold as its rows overflow SGLang's KV budget.
 """
@@ -25,7 +25,7 @@ from typing import Annotated, Any
 import typer
 
 from treepo.client.schema import SamplingParams, TreeParams
-from treepo.service.sampler.bench_run import RunStats, ratios, run_mode
+from treepo.service.bench.sampling_run import RunStats, ratios, run_mode
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def bench_sampling(
         model_path = _resolve_model(model, Path(tmp), seed)
         longest = segment * depth if not table else max(segment * depth, *(d * s for d, s in table))
         if engine == "sglang":
-            from treepo.service.sampler.bench_sglang import sglang_engine
+            from treepo.service.bench.sampling_sglang import sglang_engine
 
             with sglang_engine(model_path, sglang_url, max_total_tokens) as (server, info):
                 bench = _Bench.load(model_path, prompts, width, longest, device, rows, server)
@@ -169,7 +169,7 @@ class _Bench:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         prompt_ids = [tokenizer.encode(p.prompt) for p in generate_problems("test", num_prompts, seed=0)]
         if sglang is not None:
-            from treepo.service.sampler.bench_sglang import kv_bytes_per_token
+            from treepo.service.bench.sampling_sglang import kv_bytes_per_token
 
             engine, kv_bytes = sglang, kv_bytes_per_token(model_path)
         else:
