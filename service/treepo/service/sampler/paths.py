@@ -81,15 +81,12 @@ class TreeBuilder:
 
     def grow(self, path: Path, label: str, output: GenerateOutput) -> tuple[Path, FinishReason | None]:
         """Add the node `label` under `path` from an engine output; return the new path, its reason."""
-        tokens, logprobs = self.clip(path, output)
+        tokens, logprobs, text, reason = self.outcome(path, output)
         depth = path.depth + 1
-        text = self.decode(tokens)
         self._add(NodeRecord(label, path.node_id, depth, tokens, logprobs, text, output.policy_version))
         self.stats.decoded_tokens += len(tokens)
         self.stats.prefill_tokens += output.prefill_tokens
         self.stats.cached_tokens += output.cached_tokens
-        response_len = len(path.response_ids) + len(tokens)
-        reason = self.rules.classify(tokens, text, response_len, depth)
         child = Path(
             node_id=label,
             depth=depth,
@@ -101,6 +98,15 @@ class TreeBuilder:
             self.nodes[label].finish_reason = reason
             self.leaves.append(label)
         return child, reason
+
+    def outcome(
+        self, path: Path, output: GenerateOutput
+    ) -> tuple[list[int], list[float], str, FinishReason | None]:
+        """The segment `output` adds to `path` (clipped), its text and its finish reason (None: it lives on)."""
+        tokens, logprobs = self.clip(path, output)
+        text = self.decode(tokens)
+        reason = self.rules.classify(tokens, text, len(path.response_ids) + len(tokens), path.depth + 1)
+        return tokens, logprobs, text, reason
 
     def clip(self, path: Path, output: GenerateOutput) -> tuple[list[int], list[float]]:
         """Cut the segment after its first stop token and at the length limit (as the release)."""

@@ -97,13 +97,10 @@ class TreeRun:
         return outputs
 
     def _submit_first_child(self, member: _Member, output: GenerateOutput) -> None:
-        tokens, _ = self.builder.clip(member.path, output)
-        response_ids = member.path.response_ids + tokens
-        reason = self.builder.rules.classify(
-            tokens, self.builder.decode(tokens), len(response_ids), member.path.depth + 1
-        )
-        if reason is None:
-            self._submit(Path(None, member.path.depth + 1, response_ids), (*member.lineage, 0))
+        tokens, _, _, reason = self.builder.outcome(member.path, output)
+        if reason is None:  # the same classification `grow` makes when the level is complete
+            child = Path(None, member.path.depth + 1, member.path.response_ids + tokens)
+            self._submit(child, (*member.lineage, 0))
 
     def _submit(self, path: Path, lineage: Lineage) -> None:
         self.builder.num_requests += 1
