@@ -27,7 +27,8 @@ class ScriptedEngine:
 
     The rng of each request is seeded from (request seed, input_ids), so equal inputs give equal outputs.
     `cached_tokens` is the longest prefix of the input seen before as a full (input + output) sequence (the
-    last `max_cached_prefixes` prefixes are remembered, LRU). `latency_s` delays each request; `jitter_s`
+    last `max_cached_prefixes` prefixes are remembered, LRU; `requests` keeps the last `max_recorded_requests`
+    requests, for tests). `latency_s` delays each request; `jitter_s`
     adds a random delay on top (from `jitter_seed`) so that requests return in a shuffled order.
     """
 
@@ -41,6 +42,7 @@ class ScriptedEngine:
         jitter_s: float = 0.0,
         jitter_seed: int = 0,
         max_cached_prefixes: int = 100_000,
+        max_recorded_requests: int = 10_000,
     ) -> None:
         self.script = script or random_tokens(eos_token_id=eos_token_id)
         self._eos = (eos_token_id,)
@@ -49,6 +51,7 @@ class ScriptedEngine:
         self.latency_s, self.jitter_s = latency_s, jitter_s
         self._jitter = random.Random(jitter_seed)
         self.requests: list[GenerateRequest] = []
+        self.max_recorded_requests = max_recorded_requests
         self.in_flight = self.peak_in_flight = 0  # requests being answered at once
         self.max_cached_prefixes = max_cached_prefixes
         self._seen: OrderedDict[tuple[int, ...], None] = OrderedDict()
@@ -68,6 +71,8 @@ class ScriptedEngine:
 
     async def generate(self, request: GenerateRequest) -> GenerateOutput:
         self.requests.append(request)
+        if len(self.requests) > self.max_recorded_requests:  # a long `treepo serve --engine scripted` run
+            del self.requests[: len(self.requests) // 2]
         delay = self.latency_s + (self._jitter.uniform(0, self.jitter_s) if self.jitter_s else 0.0)
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
