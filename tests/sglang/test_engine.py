@@ -75,9 +75,15 @@ async def test_cancel_aborts_the_request_on_the_server(engine, sglang) -> None:
     """Cancelling a call aborts its SGLang request, not only the HTTP wait (SGLang counts the abort)."""
     aborted = await asyncio.to_thread(metric, sglang.url, "sglang:num_aborted_requests_total")
     long = GenerateRequest([21] * 60, 440, temperature=0.0)  # greedy from here: no EOS for 440 tokens
-    task = asyncio.ensure_future(engine.generate(long))
-    while await asyncio.to_thread(metric, sglang.url, 'sglang:http_requests_active{endpoint="/generate"') < 1:
-        await asyncio.sleep(0.01)
+    for _ in range(5):  # a quiet server may finish a request before the poll sees it running: send another
+        task = asyncio.ensure_future(engine.generate(long))
+        active = 'sglang:http_requests_active{endpoint="/generate"'
+        while not task.done() and await asyncio.to_thread(metric, sglang.url, active) < 1:
+            await asyncio.sleep(0.01)
+        if not task.done():
+            break
+    else:
+        pytest.fail("every request finished before it could be cancelled")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
