@@ -67,6 +67,15 @@ class TestRadixCache:
         assert cache.insert([1, 2], torch.tensor([60, 61])) == 2
         assert cache.total_size == 4
 
+    def test_extend_inserts_below_a_node_and_returns_the_cached_slots(self):
+        cache = RadixCache()
+        _, node = cache.insert_node([1, 2, 3], torch.tensor([10, 11, 12]))
+        cache.insert([1, 2, 3, 4, 5], torch.tensor([10, 11, 12, 13, 14]))  # a sibling cached 4, 5 meanwhile
+        present, end, tree_slots = cache.extend(node, [4, 5, 6], torch.tensor([40, 41, 42]))
+        assert present == 2 and tree_slots.tolist() == [13, 14]
+        assert cache.match_prefix([1, 2, 3, 4, 5, 6]).indices.tolist() == [10, 11, 12, 13, 14, 42]
+        assert cache.match_prefix([1, 2, 3, 4, 5, 6]).last_node is end and cache.total_size == 6
+
     def test_evict_frees_least_recently_used_leaves_first(self):
         freed: list[list[int]] = []
         cache = RadixCache(on_evict=lambda s: freed.append(s.tolist()))

@@ -76,3 +76,28 @@ class TestScheduler:
         scheduler.schedule()
         assert scheduler.abort(seq.seq_id) is seq and slots.released == [seq.seq_id]
         assert scheduler.is_idle and scheduler.abort(seq.seq_id) is None
+
+    def test_lower_priority_values_join_first_then_arrival_order(self):
+        scheduler = Scheduler(
+            FakeSlots(capacity=100), SchedulerConfig(max_running_rows=2, max_step_tokens=64)
+        )
+        new_tree = [row([30 + i, 1]) for i in range(2)]
+        old_tree = [row([40 + i, 1]) for i in range(2)]
+        for seq in new_tree:
+            seq.priority = 7
+            scheduler.add(seq)
+        for seq in old_tree:
+            seq.priority = 3  # arrived later, but its tree started earlier
+            scheduler.add(seq)
+        assert scheduler.schedule() == old_tree and scheduler.waiting == new_tree
+        assert scheduler.abort(new_tree[0].seq_id) is new_tree[0] and scheduler.waiting == new_tree[1:]
+
+    def test_a_one_token_input_tail_is_not_cached_before_the_row_ends(self):
+        slots = FakeSlots(capacity=100)
+        scheduler = Scheduler(slots, SchedulerConfig(max_running_rows=4, max_step_tokens=64))
+        seq = row([5, 6, 7])
+        seq.num_cached_tokens = seq.num_computed = 2  # a later segment: all but the last token cached
+        scheduler.add(seq)
+        rows = scheduler.schedule()
+        scheduler.postprocess(rows, {seq.seq_id: (9, -0.1)})
+        assert slots.cached == []  # a sibling would compute that last token anyway

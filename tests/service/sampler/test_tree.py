@@ -263,3 +263,15 @@ async def test_sequential_baseline() -> None:
     assert all(len(tokens) == 10 for _, tokens in tree.trajectories())
     assert [n.depth for n in tree.path(tree.leaves[0])] == [1, 2, 3]
     check_invariants(tree, params, 16)
+
+
+async def test_a_trees_requests_share_its_start_order_as_their_priority():
+    """The engine admits lower priorities first: trees started earlier finish before new ones begin."""
+    engine = ScriptedEngine(no_eos(), eos_token_id=EOS)
+    sampler = TreeSampler(engine, decode)
+    params, sampling = TreeParams(**SMALL), SamplingParams(max_new_tokens=16)
+    await sampler.sample(PROMPT, params, sampling, seed=1)
+    first = {request.priority for request in engine.requests}
+    await sampler.sample_sequential(PROMPT, params, sampling, seed=1)
+    second = {request.priority for request in engine.requests} - first
+    assert len(first) == 1 and len(second) == 1 and min(second) > max(first)

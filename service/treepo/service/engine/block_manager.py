@@ -42,6 +42,7 @@ class BlockManager:
         self.table_row: dict[int, int] = {}  # seq_id -> its line in slot_table
         self.tables: dict[int, torch.Tensor] = {}  # seq_id -> its line (a view)
         self._locked: dict[int, TreeNode] = {}  # seq_id -> the tree node its cached prefix ends at
+        self._locked_length: dict[int, int] = {}  # seq_id -> tokens that node spells
         self._tree_length: dict[int, int] = {}  # seq_id -> leading table entries owned by the tree
         self._allocated: dict[int, int] = {}  # seq_id -> table entries filled so far
         self.num_reserved = 0  # slots promised to running rows and not allocated yet
@@ -66,6 +67,7 @@ class BlockManager:
         self.table_row[seq.seq_id] = table_row
         self.tables[seq.seq_id] = table
         self._locked[seq.seq_id] = match.last_node
+        self._locked_length[seq.seq_id] = match.length
         self._tree_length[seq.seq_id] = self._allocated[seq.seq_id] = cached
         self.num_reserved += need
         seq.num_cached_tokens = seq.num_computed = cached
@@ -106,6 +108,7 @@ class BlockManager:
         self.radix.inc_lock_ref(node)
         self.radix.dec_lock_ref(self._locked[seq.seq_id])
         self._locked[seq.seq_id] = node
+        self._locked_length[seq.seq_id] = length
 
     def release(self, seq: Sequence) -> None:
         """The row stopped (finished or aborted): cache what it computed, free the rest, unlock."""
@@ -117,6 +120,7 @@ class BlockManager:
             self.pool.free(self.tables[seq_id][computed:allocated])
             self.num_owned -= allocated - computed
         self.radix.dec_lock_ref(self._locked.pop(seq_id))
+        del self._locked_length[seq_id]
         self.num_reserved -= seq.max_slots - allocated
         self._free_rows.append(self.table_row.pop(seq_id))
         del self.tables[seq_id], self._tree_length[seq_id]
@@ -138,12 +142,17 @@ class BlockManager:
         """Insert the row's first `length` tokens; rows owning duplicates free them and use the tree's."""
         seq_id, table = seq.seq_id, self.tables[seq.seq_id]
         owned_from = self._tree_length[seq_id]
-        present, node = self.radix.insert_node(seq.token_ids[:length], table[:length].long())
+        start, start_length = self._locked[seq_id], self._locked_length[seq_id]
+        if start_length != owned_from:  # its input was cached whole (the last token recomputed)
+            start, start_length = self.radix.root, 0
+        present, node, tree_slots = self.radix.extend(
+            start, seq.token_ids[start_length:length], table[start_length:length].long()
+        )
+        present += start_length
         assert present >= owned_from, f"{present=} {owned_from=}: a locked prefix left the tree"
         if present > owned_from:  # another row cached these tokens meanwhile: use the tree's slots
             self.pool.free(table[owned_from:present].long())
-            match = self.radix.match_prefix(seq.token_ids[:present])
-            table[owned_from:present] = match.indices[owned_from:]
+            table[owned_from:present] = tree_slots[owned_from - start_length :]
         self.num_owned -= length - owned_from
         self._tree_length[seq_id] = length
         return node

@@ -192,7 +192,7 @@ class EmbeddedEngine:
             if not self._drain():
                 return
             self._maybe_update_weights()
-            if self.scheduler.waiting or self.scheduler.running:
+            if not self.scheduler.is_idle:
                 self._step()
 
     def _drain(self) -> bool:
@@ -306,6 +306,7 @@ class EmbeddedEngine:
             top_k=request.top_k,
             uniforms=uniforms,
             deliver=deliver,
+            priority=request.priority,
         )
 
     def _output(self, row: Row) -> GenerateOutput:
@@ -325,8 +326,9 @@ class EmbeddedEngine:
 
     def _validate(self, request: GenerateRequest) -> None:
         """Reject what the model cannot run before it is admitted, saying how to fix it."""
-        bad = [t for t in request.input_ids if not 0 <= t < self.vocab_size]
-        if bad:
+        ids = request.input_ids
+        if min(ids) < 0 or max(ids) >= self.vocab_size:  # builtins: this runs for every request
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
             raise EngineRequestError(f"input_ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
         total = len(request.input_ids) + request.max_new_tokens
         if total > self._max_context:

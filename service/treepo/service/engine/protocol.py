@@ -19,6 +19,9 @@ class GenerateRequest:
     top_k: int = -1
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()  # besides the engine's EOS ids; the stop token is kept in output_ids
+    # Lower runs first (a hint; engines may ignore it). A tree's requests share its start order, so the
+    # engine finishes the trees it started, whose prefixes are cached, before it starts new ones.
+    priority: int = 0
 
     def __post_init__(self) -> None:
         assert self.input_ids, "a request needs at least one input token"

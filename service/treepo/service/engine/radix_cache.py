@@ -103,17 +103,28 @@ class RadixCache:
 
     def insert_node(self, key: Sequence[int], value: torch.Tensor) -> tuple[int, TreeNode]:
         """`insert`, also returning the node `key` ends at (lock it to keep the key cached)."""
+        present, node, _ = self.extend(self.root, key, value)
+        return present, node
+
+    def extend(
+        self, node: TreeNode, key: Sequence[int], value: torch.Tensor
+    ) -> tuple[int, TreeNode, torch.Tensor]:
+        """`insert` of `key` below `node` (a node in the tree spelling the tokens before `key`, e.g. one
+        a running row has locked: no walk from the root). Returns how many leading tokens were already
+        cached, the node `key` ends at, and the tree's slots of those cached tokens."""
         key = tuple(key)
         assert value.numel() == len(key), f"{value.numel()=} {len(key)=}"
-        node, pos = self.root, 0
+        pos, pieces = 0, []
         now = next(self._clock)
         while pos < len(key) and (child := node.children.get(key[pos])) is not None:
             shared = _shared_length(child.key, key, pos)
             if shared < len(child.key):
                 child = self._split(child, shared)
             child.last_access = now
+            pieces.append(child.value)
             pos += shared
             node = child
+        present = torch.cat(pieces) if pieces else _EMPTY
         if pos < len(key):
             leaf = TreeNode(key[pos:], value[pos:].clone(), parent=node)
             leaf.last_access = now
@@ -121,7 +132,7 @@ class RadixCache:
             self._evictable += len(leaf.key)
             self._push(leaf)
             node = leaf
-        return pos, node
+        return pos, node, present
 
     def inc_lock_ref(self, node: TreeNode) -> None:
         """Protect `node` and its ancestors from eviction (one count per user)."""

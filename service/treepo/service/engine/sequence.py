@@ -23,6 +23,7 @@ class Sequence:
     uniforms: list[float]  # the k-th new token is drawn with uniforms[k] (see token_sampling)
     deliver: Callable[[Any], None] = lambda result: None  # called once, from the worker, with the result
     seq_id: int = field(default_factory=lambda: next(_ids))
+    priority: int = 0  # lower is admitted first; ties in arrival order
     num_input_tokens: int = 0
     num_cached_tokens: int = 0  # input tokens served from the prefix cache at admission
     num_computed: int = 0  # leading tokens whose KV sits in pool slots

@@ -21,7 +21,12 @@ def derive_seed(base_seed: int, label: str) -> int:
 
 
 def make_request(
-    sampling: SamplingParams, input_ids: list[int], max_new_tokens: int, base_seed: int, label: str
+    sampling: SamplingParams,
+    input_ids: list[int],
+    max_new_tokens: int,
+    base_seed: int,
+    label: str,
+    priority: int = 0,
 ) -> GenerateRequest:
     """One engine request of a tree or of the sequential baseline, seeded from (tree seed, path label)."""
     return GenerateRequest(
@@ -32,6 +37,7 @@ def make_request(
         top_k=sampling.top_k,
         seed=derive_seed(base_seed, label),
         stop_token_ids=tuple(sampling.stop_token_ids),
+        priority=priority,
     )
 
 
@@ -73,6 +79,7 @@ class TreeBuilder:
     leaves: list[str] = field(default_factory=list)
     stats: TreeStats = field(default_factory=TreeStats)
     num_requests: int = 0  # engine requests sent for this tree
+    priority: int = 0  # of its engine requests: the tree's start order (older trees first)
     started: float = field(default_factory=time.perf_counter)
 
     @property

@@ -112,7 +112,8 @@ class TreeRun:
         assert room >= 1, f"a live path has no room left: {room=}"
         input_ids = self.builder.prompt_ids + path.response_ids
         segment = min(self.tree.segment_tokens, room)
-        return make_request(self.sampling, input_ids, segment, self.base_seed, ".".join(map(str, lineage)))
+        label = ".".join(map(str, lineage))
+        return make_request(self.sampling, input_ids, segment, self.base_seed, label, self.builder.priority)
 
     def _next_level(self, members: list[_Member], outputs: dict[Lineage, GenerateOutput]) -> list[_Member]:
         """Grow the level's segments in lineage order; give its live paths their children, or fall back."""

@@ -28,7 +28,12 @@ async def sample_independent(
     """All `width` trajectories in flight at once, one request each; stored as chains of l-token nodes."""
     requests = [
         make_request(
-            sampling, list(builder.prompt_ids), builder.rules.max_new_tokens, base_seed, f"seq-{index}"
+            sampling,
+            list(builder.prompt_ids),
+            builder.rules.max_new_tokens,
+            base_seed,
+            f"seq-{index}",
+            builder.priority,
         )
         for index in range(tree.width)
     ]

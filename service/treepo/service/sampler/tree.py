@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import uuid
@@ -16,6 +17,8 @@ from treepo.service.sampler.schedule import TreeRun
 from treepo.service.sampler.sequential import sample_independent
 
 logger = logging.getLogger(__name__)
+
+_start_order = itertools.count()  # trees of this process in the order they started (request priority)
 
 
 @dataclass(slots=True, frozen=True)
@@ -99,7 +102,7 @@ class TreeSampler:
         """Validate, run one sampling strategy into a fresh builder, and package the tree."""
         setup = self._setup(prompt_ids, tree, sampling, seed)
         policy_version = self.engine.policy_version
-        builder = TreeBuilder(list(prompt_ids), setup.rules, self.decode)
+        builder = TreeBuilder(list(prompt_ids), setup.rules, self.decode, priority=next(_start_order))
         await run(builder, setup.base_seed)
         logger.debug("tree %s: %s", tree_id, builder.stats)
         return builder.to_tree(
