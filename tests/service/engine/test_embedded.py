@@ -365,3 +365,34 @@ async def test_peak_kv_counts_a_locked_shared_prefix_once(engine):
     # the shared prefix once + each row's own 3 fed tokens (its last input token and 2 decoded ones)
     assert engine.peak_kv_bytes == (10 + 2 * 3) * per_token
     assert engine.blocks.num_active_tokens == 0  # nothing held once the rows left
+
+
+def test_length_cuts_only_where_padding_wastes_enough_key_reads():
+    from treepo.service.engine.forward_batch import MIN_SPLIT_KEYS, _length_cuts
+
+    short, long = [20] * 64, [84] * 64
+    assert _length_cuts(short + long) == [64]  # 64 rows x 64 padded keys saved
+    assert _length_cuts([20] * 2 + [84]) == []  # 128 keys: not worth another group's kernels
+    assert _length_cuts([30] * 128) == []
+    assert len(_length_cuts([10] * 64 + [40] * 64 + [70] * 64 + [100] * 64 + [130] * 64)) == 3  # <= 4 groups
+    assert MIN_SPLIT_KEYS > 0
+
+
+@pytest.mark.parametrize("min_split_keys", [1, 10**9])
+async def test_rows_cut_into_length_groups_match_transformers(
+    tiny_model_path, reference_model, monkeypatch, min_split_keys
+):
+    """Decode rows of very different lengths attend in separate groups (forced here); outputs stay exact."""
+    monkeypatch.setattr("treepo.service.engine.forward_batch.MIN_SPLIT_KEYS", min_split_keys)
+    engine = EmbeddedEngine(tiny_model_path, eos_token_ids=())
+    prompts = [[3 + i % 7] * (4 + 13 * i) for i in range(6)]  # 4 to 69 tokens
+    outs = await generate_all(engine, [greedy(p, 10) for p in prompts])
+    assert [o.output_ids for o in outs] == [hf_greedy(reference_model, p, 10) for p in prompts]
+    sampled = GenerateRequest(input_ids=prompts[0], max_new_tokens=10, temperature=1.0, seed=5)
+    engine.flush_cache()
+    alone = await engine.generate(sampled)
+    engine.flush_cache()
+    crowd = await generate_all(engine, [sampled, *(greedy(p, 10) for p in prompts[1:])])
+    assert crowd[0].output_ids == alone.output_ids
+    assert crowd[0].logprobs == pytest.approx(alone.logprobs, abs=1e-5)
+    engine.close()

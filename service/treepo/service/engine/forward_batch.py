@@ -1,13 +1,17 @@
 """The tensors of one engine step, built from the scheduled rows and the block manager's slot table.
 
-Rows fed one token (decoding, or a new request whose input is cached but its last token) form one
-attention group whose (B, K) key-slot matrix is a single `index_select` of the slot table; rows fed a
-chunk of their input form a second, padded group. Everything is built with one pass over the rows and a
+Rows fed one token (decoding, or a new request whose input is cached but its last token) form attention
+groups whose (B, K) key-slot matrix is a single `index_select` of the slot table; rows fed a chunk of
+their input form another, padded group. Attention reads every row's keys up to its group's longest row,
+so when rows of very different lengths decode together (a tree's levels, trees of different ages) the
+one-token rows are cut by length into up to four groups wherever a cut saves more key reads than a group
+costs. Everything is built with one pass over the rows and a
 handful of tensor ops, so a step's bookkeeping stays small next to the model.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -71,7 +75,7 @@ def build_batch(
             logits.append(len(ids) - 1)
     groups = []
     if single[0]:
-        groups.append(_single_group(*single, slot_table, is_whole=not chunks, dtype=dtype, device=device))
+        groups.extend(_single_groups(*single, slot_table, is_whole=not chunks, dtype=dtype, device=device))
     if chunks:
         groups.append(_chunk_group(chunks, slot_table, dtype=dtype, device=device))
     return ForwardBatch(
@@ -82,6 +86,56 @@ def build_batch(
         max_position=max(positions),
         groups=groups,
     )
+
+
+MIN_SPLIT_KEYS = 1024  # key reads a cut must save to pay for another group's kernels (measured on CPU)
+MAX_SINGLE_GROUPS = 4
+
+
+def _single_groups(table_rows, positions, flat, slot_table, *, is_whole, dtype, device):
+    """One-token rows in one group, or cut by length where padding to the longest wastes most."""
+    cuts = _length_cuts(sorted(positions))
+    if not cuts:
+        return [
+            _single_group(
+                table_rows, positions, flat, slot_table, is_whole=is_whole, dtype=dtype, device=device
+            )
+        ]
+    order = sorted(range(len(positions)), key=positions.__getitem__)
+    groups = []
+    for start, end in zip((0, *cuts), (*cuts, len(order)), strict=True):
+        members = order[start:end]
+        groups.append(
+            _single_group(
+                [table_rows[i] for i in members],
+                [positions[i] for i in members],
+                [flat[i] for i in members],
+                slot_table,
+                is_whole=False,
+                dtype=dtype,
+                device=device,
+            )
+        )
+    return groups
+
+
+def _length_cuts(ascending: list[int]) -> list[int]:
+    """Where to cut rows sorted by position into groups: greedily the cut saving the most padded key
+    reads (rows below it pad to their own longest, not the group's), while a cut saves MIN_SPLIT_KEYS."""
+    cuts: list[int] = []
+    while len(cuts) < MAX_SINGLE_GROUPS - 1:
+        best_saving, best_cut = MIN_SPLIT_KEYS - 1, None
+        bounds = sorted((0, *cuts, len(ascending)))
+        for start, end in itertools.pairwise(bounds):
+            longest = ascending[end - 1]
+            for cut in range(start + 1, end):
+                saving = (longest - ascending[cut - 1]) * (cut - start)
+                if saving > best_saving:
+                    best_saving, best_cut = saving, cut
+        if best_cut is None:
+            break
+        cuts.append(best_cut)
+    return sorted(cuts)
 
 
 def _single_group(table_rows, positions, flat, slot_table, *, is_whole, dtype, device) -> AttentionGroup:

@@ -96,7 +96,7 @@ class ModelRunner:
         qkv[:, : heads + kv_heads] = _rotate(qk, *rope)  # q and k rotated together, in place
         q = qkv[:, :heads]  # (T, H, D)
         self.pool.write(index, batch.write_slots, qkv[:, heads:].view(num_tokens, 2, kv_heads, -1))
-        parts = [self._attend(index, q, group) for group in batch.groups]
+        parts = [self._attend(index, qkv, group) for group in batch.groups]
         if batch.is_whole_decode:
             out = parts[0]  # (T, H, D): one query per row, in the step's token order
         else:
@@ -105,19 +105,22 @@ class ModelRunner:
                 out[group.flat_index] = part
         return _linear(out.reshape(num_tokens, -1), layer.o_weight, layer.o_bias)  # (T, C)
 
-    def _attend(self, index: int, q: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
+    def _attend(self, index: int, qkv: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
         """Attention of the group's queries over its rows' pool slots: (group tokens, H, D) in flat order."""
         kv = self.pool.read(index, group.key_slots)  # (B, K, 2, Hkv, D)
         key, value = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (B, Hkv, K, D)
+        heads = self.num_heads
         if group.token_index is None:  # decode: one query per row
-            rows_q = q if group.flat_index is None else q.index_select(0, group.flat_index)  # (B, H, D)
-            query = rows_q[:, :, None, :]  # (B, H, 1, D)
+            # rows picked from qkv, not q: the same strided layout whatever the grouping (SDPA's kernel
+            # choice, hence the last bits of a row's logprobs, depends on it)
+            rows = qkv if group.flat_index is None else qkv.index_select(0, group.flat_index)
+            query = rows[:, :heads, None, :]  # (B, H, 1, D)
         else:
-            query = q[group.token_index].transpose(1, 2)  # (B, H, Q, D)
+            query = qkv[:, :heads][group.token_index].transpose(1, 2)  # (B, H, Q, D)
         attended = F.scaled_dot_product_attention(
             query,
-            key.to(q.dtype),
-            value.to(q.dtype),
+            key.to(qkv.dtype),
+            value.to(qkv.dtype),
             attn_mask=group.mask,
             scale=self.scaling,
             enable_gqa=True,
