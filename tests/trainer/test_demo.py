@@ -29,7 +29,7 @@ def test_demo_runs_end_to_end_in_fast_mode(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.delenv("REDIS_URL", raising=False)
     events: list[tuple[str, dict]] = []
     options = DemoOptions(steps=2, seed=3, output_dir=tmp_path, name="fast", eval_problems=4, eval_samples=2,
-                          overrides=FAST)  # fmt: skip
+                          overrides=FAST, eval_every=1)  # fmt: skip
     result = run_demo(options, on_event=lambda kind, payload: events.append((kind, payload)))
 
     run_dir = tmp_path / "fast"
@@ -55,6 +55,17 @@ def test_demo_runs_end_to_end_in_fast_mode(tmp_path: Path, monkeypatch: pytest.M
     } <= records[0].keys()
     assert (run_dir / "training.png").stat().st_size > 10_000
     assert [kind for kind, _ in events].count("step") == 2
+    curve = summary["curve"]  # before, after step 1 (eval_every=1), after step 2 (the after-evaluation)
+    assert [p["step"] for p in curve] == [0, 1, 2] and [kind for kind, _ in events].count("eval") == 3
+    assert [p["policy_version"] for p in curve] == [0, 1, 2], "each evaluation samples its step's weights"
+    assert curve[0]["train_s"] == 0 and curve[0]["decoded_tokens"] == 0
+    assert curve[0]["train_s"] < curve[1]["train_s"] < curve[2]["train_s"] == summary["train_wall_s"]
+    assert curve[1]["decoded_tokens"] == records[0]["decoded_tokens"]
+    assert curve[2]["decoded_tokens"] == summary["tokens_decoded_tree"]
+    assert (curve[0]["accuracy"], curve[2]["accuracy"]) == (
+        summary["accuracy_before"],
+        summary["accuracy_after"],
+    )
     assert dict(events)["redis"]["origin"] == "local"
     leftover = redis.Redis.from_url(LOCAL_REDIS).keys("treepo-demo-*")
     assert not [k for k in leftover if k.decode().endswith(":trees")], "the demo's keys are cleaned up"
@@ -93,6 +104,8 @@ def test_ensure_redis_prefers_redis_url(monkeypatch: pytest.MonkeyPatch, tmp_pat
         (["train", "--push-every", "3"], "push_every (3) > max_staleness + 1 (2)"),
         (["train", "--max-staleness", "-1"], "max_staleness must be >= 0"),
         (["bench", "train", "--variants", "ppo"], "unknown variants"),
+        (["bench", "train", "--eval-every", "-1"], "eval_every must be >= 0"),
+        (["demo", "--eval-every", "-1"], "eval_every must be >= 0"),
     ],
 )
 def test_cli_rejects_bad_options(args: list[str], message: str) -> None:

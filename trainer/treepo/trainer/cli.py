@@ -81,6 +81,9 @@ def demo(
     name: Annotated[str | None, typer.Option(help="Run name (default demo-seed<S>-<time>).")] = None,
     eval_problems: Annotated[int, typer.Option(help="Held-out test problems.")] = 128,
     eval_samples: Annotated[int, typer.Option(help="Samples per held-out problem.")] = 4,
+    eval_every: Annotated[
+        int, typer.Option(help="Also measure held-out accuracy every N steps (0: only before and after).")
+    ] = 0,
     lr: Annotated[float | None, typer.Option(help="Override the demo's learning rate.")] = None,
     width: Annotated[int | None, typer.Option(help="Override the tree width w.")] = None,
     model: Annotated[
@@ -98,7 +101,9 @@ def demo(
     overrides = {k: v for k, v in {"lr": lr, "width": width}.items() if v is not None}
     overrides["deterministic"] = deterministic
     try:
-        options = DemoOptions(steps, seed, output_dir, name, eval_problems, eval_samples, model, overrides)
+        options = DemoOptions(
+            steps, seed, output_dir, name, eval_problems, eval_samples, model, overrides, eval_every
+        )
     except ValueError as error:
         raise typer.BadParameter(str(error)) from error
     with DemoProgress(_console(), steps) as progress:
@@ -113,6 +118,13 @@ def bench_train(
         "runs"
     ),
     eval_problems: Annotated[int, typer.Option(help="Held-out test problems.")] = 128,
+    eval_every: Annotated[
+        int,
+        typer.Option(
+            help="Measure held-out accuracy every N steps: the curves of comparison.png and the accuracy at "
+            "equal wall time and equal decoded tokens (0: only before and after)."
+        ),
+    ] = 10,
     variants: Annotated[
         str, typer.Option(help="Comma list of grpo-seq, grpo-tree, treepo.")
     ] = "grpo-seq,grpo-tree,treepo",
@@ -121,7 +133,8 @@ def bench_train(
         str | None, typer.Option(help="Local HF model dir (default: the shipped tiny model).")
     ] = None,
 ) -> None:
-    """GRPO + sequential sampling vs GRPO + trees vs TreePO: held-out accuracy and sampling cost."""
+    """GRPO + sequential sampling vs GRPO + trees vs TreePO: held-out accuracy (also at equal wall time and
+    equal decoded tokens) and sampling cost."""
     from treepo.trainer.bench import VARIANTS, run_bench
 
     chosen = [v.strip() for v in variants.split(",") if v.strip()]
@@ -130,8 +143,16 @@ def bench_train(
         raise typer.BadParameter(
             f"unknown variants {unknown}; expected a comma list of {', '.join(VARIANTS)}"
         )
+    if eval_every < 0:
+        raise typer.BadParameter(f"eval_every must be >= 0 (got {eval_every})")
     result = run_bench(
-        chosen, steps=steps, seed=seed, output_dir=output_dir, eval_problems=eval_problems, model_path=model
+        chosen,
+        steps=steps,
+        seed=seed,
+        output_dir=output_dir,
+        eval_problems=eval_problems,
+        model_path=model,
+        eval_every=eval_every,
     )
     if as_json:
         typer.echo(json.dumps(result))

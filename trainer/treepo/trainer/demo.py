@@ -1,8 +1,8 @@
 """`treepo demo`: Redis + the service (embedded engine, shipped tiny model) + the trainer, on one machine.
 
 It measures held-out sampled accuracy through the service before training, trains with TreePO trees
-for a few minutes, measures again, and writes `metrics.jsonl`, `summary.json` and `training.png` under
-`<output-dir>/<name>/`.
+for a few minutes (with `eval_every`, measuring again every that many steps), measures again, and writes
+`metrics.jsonl`, `summary.json` and `training.png` under `<output-dir>/<name>/`.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ class DemoOptions:
     eval_samples: int = 4
     model_path: str | None = None  # default: the shipped tiny model
     overrides: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
+    eval_every: int = 0  # also measure held-out accuracy every N steps (0: only before and after)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.eval_problems < 1 or self.eval_samples < 1:
@@ -72,12 +74,52 @@ class DemoOptions:
                 f"steps, eval_problems and eval_samples must be >= 1 (got {self.steps}, "
                 f"{self.eval_problems}, {self.eval_samples})"
             )
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0 (got {self.eval_every})")
 
 
 @dataclass(slots=True)
 class DemoResult:
     run_dir: Path
     summary: dict[str, Any]
+
+
+class HeldOutCurve:
+    """Held-out accuracy against what training spent: seconds and decoded tokens. Evaluations pause the
+    train clock, so a run measured more often is not charged for it (`treepo bench train` compares
+    variants at equal wall time). The first point is the before-training one, at 0 s and 0 tokens."""
+
+    def __init__(self, before: EvalResult, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._clock = clock
+        self._started = clock()
+        self._paused = 0.0
+        self.decoded_tokens = 0
+        self.points = [_point(0, 0.0, 0, before)]
+
+    def train_s(self) -> float:
+        return self._clock() - self._started - self._paused
+
+    def add_step(self, record: dict[str, Any]) -> None:
+        self.decoded_tokens += record["decoded_tokens"]
+
+    def measure(self, step: int, run_eval: Callable[[], EvalResult]) -> EvalResult:
+        train_s = self.train_s()
+        paused = self._clock()
+        result = run_eval()
+        self._paused += self._clock() - paused
+        self.points.append(_point(step, train_s, self.decoded_tokens, result))
+        return result
+
+
+def _point(step: int, train_s: float, decoded_tokens: int, result: EvalResult) -> dict[str, Any]:
+    return {
+        "step": step,
+        "train_s": train_s,
+        "decoded_tokens": decoded_tokens,
+        "accuracy": result.accuracy,
+        "stderr": result.stderr,
+        "policy_version": result.policy_version,
+    }
 
 
 def run_demo(options: DemoOptions, *, on_event=None) -> DemoResult:
@@ -134,22 +176,44 @@ def _train_and_measure(
         temperature=config.temperature,
         seed=options.seed,
     )
-    before = evaluate(client, problems, **eval_args)
+    if options.eval_every and (config.push_every == 0 or options.eval_every % config.push_every):
+        raise ValueError(
+            f"eval_every ({options.eval_every}) must be a multiple of push_every ({config.push_every}): "
+            "an evaluation between pushes would measure older weights than its step's"
+        )
+
+    def held_out() -> EvalResult:
+        return evaluate(client, problems, **eval_args)
+
+    before = held_out()
     emit("eval", {"when": "before", "accuracy": before.accuracy, "wall_s": before.wall_s})
     run = build_run(config)
-    train_started = time.perf_counter()
-    run.run(on_step=lambda record: emit("step", record))
-    train_wall = time.perf_counter() - train_started
-    after = evaluate(client, problems, **eval_args)
+    curve = HeldOutCurve(before)
+
+    def on_step(record: dict[str, Any]) -> None:
+        # The step has pushed its weights (POST /weights answers once they are loaded): the service
+        # samples them now. The last step is measured by the after-evaluation below.
+        emit("step", record)
+        curve.add_step(record)
+        step = record["step"]
+        if options.eval_every and step % options.eval_every == 0 and step < config.steps:
+            result = curve.measure(step, held_out)
+            emit("eval", {"when": f"at step {step} of", "accuracy": result.accuracy, "wall_s": result.wall_s})
+
+    run.run(on_step=on_step)
+    after = curve.measure(run.state.step, held_out)
+    train_wall = curve.points[-1]["train_s"]
     emit("eval", {"when": "after", "accuracy": after.accuracy, "wall_s": after.wall_s})
     records = run.log.read()
     plot_run(
         records,
         run_dir / "training.png",
-        evals=[(0, before.accuracy), (records[-1]["step"], after.accuracy)],
+        evals=[(p["step"], p["accuracy"]) for p in curve.points],
         title=f"TreePO demo (seed {options.seed})",
     )
-    return _summary(config, records, before, after, train_wall)
+    summary = _summary(config, records, before, after, train_wall)
+    summary["curve"] = curve.points
+    return summary
 
 
 def _summary(

@@ -58,15 +58,32 @@ def plot_run(
     return path
 
 
-def plot_comparison(runs: Mapping[str, Sequence[tuple[float, float]]], path: str | Path) -> Path:
-    """Held-out accuracy against wall-clock seconds, one line per variant (`treepo bench train`)."""
+def plot_comparison(
+    curves: Mapping[str, Sequence[Mapping[str, Any]]],
+    path: str | Path,
+    *,
+    budgets: tuple[float, float] | None = None,
+    title: str = "treepo bench train: held-out accuracy",
+) -> Path:
+    """Held-out accuracy against training wall seconds (left) and cumulative decoded tokens (right), one
+    line per variant (`treepo bench train`); `budgets` (seconds, tokens) marks where all variants compare."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for name, points in runs.items():
-        ax.plot([t for t, _ in points], [a for _, a in points], "o-", label=name)
-    ax.set(xlabel="wall time (s)", ylabel="held-out accuracy", ylim=(0, 1.02), title="accuracy per second")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = (
+        ("train_s", "training wall time (s, evaluations excluded)"),
+        ("decoded_tokens", "decoded tokens"),
+    )
+    for i, (ax, (key, label)) in enumerate(zip(axes, panels, strict=True)):
+        for name, points in curves.items():
+            ax.plot([p[key] for p in points], [p["accuracy"] for p in points], "o-", label=name)
+        if budgets is not None:
+            ax.axvline(budgets[i], color="gray", linestyle="--", linewidth=1, label="equal budget")
+        ax.set(xlabel=label, ylabel="held-out accuracy", ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    axes[0].set_title("at equal wall time")
+    axes[1].set_title("at equal decoded tokens")
+    fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
