@@ -2,7 +2,7 @@
 
 A running row's table lists the pool slot of each of its tokens in order: first the cached prefix (slots
 owned by the tree, locked while the row runs), then slots the row allocated for tokens it computed. The
-tables are the lines of one (max_rows, max_row_tokens) int32 matrix, so a step's key slots are one
+tables are the lines of one (max_rows, max_row_tokens) int64 matrix, so a step's key slots are one
 `index_select` and a decode step's new slots one indexed store. When
 the row's input is computed it goes into the tree (siblings arriving later hit it); when the row stops,
 its whole sequence does. Admission reserves the worst case (input + max_new_tokens) against the KV token
@@ -37,7 +37,7 @@ class BlockManager:
         self.pool = KVPool(capacity, shape, device=device)
         self.radix = RadixCache(on_evict=self.pool.free)
         width = min(max_row_tokens, capacity)
-        self.slot_table = torch.zeros((max_rows, width), dtype=torch.int32)  # (rows, tokens), CPU
+        self.slot_table = torch.zeros((max_rows, width), dtype=torch.int64)  # (rows, tokens), CPU
         self._free_rows = list(range(max_rows - 1, -1, -1))
         self.table_row: dict[int, int] = {}  # seq_id -> its line in slot_table
         self.tables: dict[int, torch.Tensor] = {}  # seq_id -> its line (a view)
@@ -95,7 +95,7 @@ class BlockManager:
             start += count
         if single_rows:
             fed = slots if len(single_at) == total else slots[single_at]
-            self.slot_table[single_rows, single_cols] = fed.to(torch.int32)
+            self.slot_table[single_rows, single_cols] = fed
         self.num_reserved -= total
         self.num_owned += total
         self.peak_active_tokens = max(self.peak_active_tokens, self.num_active_tokens)
@@ -146,12 +146,12 @@ class BlockManager:
         if start_length != owned_from:  # its input was cached whole (the last token recomputed)
             start, start_length = self.radix.root, 0
         present, node, tree_slots = self.radix.extend(
-            start, seq.token_ids[start_length:length], table[start_length:length].long()
+            start, seq.token_ids[start_length:length], table[start_length:length]
         )
         present += start_length
         assert present >= owned_from, f"{present=} {owned_from=}: a locked prefix left the tree"
         if present > owned_from:  # another row cached these tokens meanwhile: use the tree's slots
-            self.pool.free(table[owned_from:present].long())
+            self.pool.free(table[owned_from:present])
             table[owned_from:present] = tree_slots[owned_from - start_length :]
         self.num_owned -= length - owned_from
         self._tree_length[seq_id] = length

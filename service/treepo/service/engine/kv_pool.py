@@ -56,10 +56,12 @@ class KVPool:
     def clear(self) -> None:
         """Every slot free again (the caller resets the radix tree at the same time)."""
         self._free = torch.arange(1, self.capacity + 1, dtype=torch.int64)
+        self._returned: list[torch.Tensor] = []  # freed since the last refill (joined lazily: frees are
+        self._num_returned = 0  # many and small, one per finished request)
 
     @property
     def num_free(self) -> int:
-        return int(self._free.numel())
+        return int(self._free.numel()) + self._num_returned
 
     @property
     def num_used(self) -> int:
@@ -69,12 +71,17 @@ class KVPool:
         """`n` free slots (int64, CPU), or None when fewer are free (evict first)."""
         if n > self.num_free:
             return None
+        if n > self._free.numel():
+            self._free = torch.cat([self._free, *self._returned])
+            self._returned.clear()
+            self._num_returned = 0
         slots, self._free = self._free[:n], self._free[n:]
         return slots
 
     def free(self, slots: torch.Tensor) -> None:
-        if slots.numel():
-            self._free = torch.cat([self._free, slots.to(torch.int64).cpu()])
+        if slots.numel():  # a copy: callers free views of slot tables they reuse
+            self._returned.append(slots.to(device="cpu", dtype=torch.int64, copy=True))
+            self._num_returned += int(slots.numel())
 
     def write(self, layer: int, slots: torch.Tensor, kv: torch.Tensor) -> None:
         """Store one layer's KV of every token of a step at once; kv: (n, 2, num_kv_heads, head_dim)."""

@@ -91,7 +91,7 @@ class RadixCache:
             pieces.append(child.value)
             pos += shared
             node = child
-        indices = torch.cat(pieces) if pieces else _EMPTY
+        indices = _join(pieces)
         return MatchResult(indices=indices, last_node=node)
 
     def insert(self, key: Sequence[int], value: torch.Tensor) -> int:
@@ -124,7 +124,7 @@ class RadixCache:
             pieces.append(child.value)
             pos += shared
             node = child
-        present = torch.cat(pieces) if pieces else _EMPTY
+        present = _join(pieces)
         if pos < len(key):
             leaf = TreeNode(key[pos:], value[pos:].clone(), parent=node)
             leaf.last_access = now
@@ -215,6 +215,13 @@ class RadixCache:
             live = {id(entry[2]): entry for entry in self._heap if entry[2].parent is not None}
             self._heap = list(live.values())  # one entry per node: at most total_size
             heapq.heapify(self._heap)
+
+
+def _join(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """The slots of consecutive edges as one tensor (read-only: one edge is returned as is)."""
+    if len(pieces) > 1:
+        return torch.cat(pieces)
+    return pieces[0] if pieces else _EMPTY
 
 
 def _shared_length(edge: tuple[int, ...], key: tuple[int, ...], start: int) -> int:
