@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import math
 import secrets
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -35,6 +36,11 @@ from treepo.service.engine.token_sampling import SamplingBatch, draw_uniforms, s
 from treepo.service.engine.weights import load_weights, read_state_dict
 
 logger = logging.getLogger(__name__)
+
+# The worker thread and the event loop (the sampler, the web server) share the GIL. The worker gives it up
+# in every torch kernel and must get it back after each one: with Python's default 5 ms hand-over it waits
+# behind the loop's Python between kernels. 0.5 ms measured 8% (sequential) to 17% (a 16x4 tree) faster.
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclass(slots=True)
@@ -89,6 +95,7 @@ class EmbeddedEngine:
         self._inbox: deque[tuple[str, Any]] = deque()  # commands to the worker, appended from any thread
         self._wake = threading.Event()
         self._update: tuple[str, int, Callable[[Any], None]] | None = None  # waits for running rows to end
+        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))  # process-wide
         self._worker = threading.Thread(target=self._loop, name="embedded-engine", daemon=True)
         self._worker.start()
         logger.info("embedded engine: %s on %s, eos %s", model_path, self.device, self._eos)
