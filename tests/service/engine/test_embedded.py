@@ -4,11 +4,12 @@ Qwen2: outputs, cache reuse, eviction, requests joining mid-decode, cancellation
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import pytest
 import torch
 
-from treepo.service.engine.embedded import EmbeddedEngine
+from treepo.service.engine.embedded import GIL_SWITCH_INTERVAL_S, EmbeddedEngine
 from treepo.service.engine.protocol import Engine, EngineRequestError, GenerateRequest, generate_all
 
 EOS = 1  # as saved by conftest.save_tiny_qwen2
@@ -43,6 +44,7 @@ def test_implements_the_engine_protocol(engine):
     assert engine.eos_token_ids == (EOS,)
     assert engine.max_context == 512
     assert engine.policy_version == 0
+    assert sys.getswitchinterval() <= GIL_SWITCH_INTERVAL_S  # the worker gets the GIL back quickly
 
 
 async def test_greedy_matches_transformers_generate_cold_and_warm(engine, reference_model):
