@@ -113,3 +113,34 @@ def test_cli_rejects_bad_options(args: list[str], message: str) -> None:
     assert result.exit_code == 2
     flat = " ".join(result.output.replace("│", " ").split())  # rich wraps the message in a box
     assert message in flat
+
+
+@pytest.mark.slow
+def test_a_demo_stopped_with_sigterm_stops_its_service_and_deletes_its_keys(tmp_path: Path) -> None:
+    """`kill PID` (not only Ctrl-C) runs the demo's cleanup: nothing of the run stays in a shared Redis."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [sys.executable, "-c", "from treepo.service.cli import app; app()", "demo", "--steps", "500",
+               "--output-dir", str(tmp_path), "--name", "killed", "--eval-problems", "4", "--eval-samples", "1"]  # fmt: skip
+    process = subprocess.Popen(command, env={**os.environ, "REDIS_URL": LOCAL_REDIS}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    config = tmp_path / "killed" / "config.json"
+    deadline = time.monotonic() + 120
+    client = redis.Redis.from_url(LOCAL_REDIS)
+    try:
+        while not config.exists() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        assert config.exists(), "the demo did not start"
+        prefix = json.loads(config.read_text())["key_prefix"]
+        while not client.keys(f"{prefix}:*") and time.monotonic() < deadline:
+            time.sleep(0.2)  # training has written trees
+        assert client.keys(f"{prefix}:*")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        process.kill()
+    assert client.keys(f"{prefix}:*") == []

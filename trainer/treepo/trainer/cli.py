@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import signal
+import sys
 import types
 import typing
 from pathlib import Path
@@ -98,6 +100,7 @@ def demo(
     from treepo.trainer.demo import DemoOptions, run_demo
     from treepo.trainer.progress import DemoProgress
 
+    _exit_on_sigterm()
     overrides = {k: v for k, v in {"lr": lr, "width": width}.items() if v is not None}
     overrides["deterministic"] = deterministic
     try:
@@ -109,6 +112,12 @@ def demo(
     with DemoProgress(_console(), steps) as progress:
         result = run_demo(options, on_event=progress.on_event)
     progress.report(result)
+
+
+def _exit_on_sigterm() -> None:
+    """`kill` ends a run as Ctrl-C does: its `finally` blocks stop the service and delete its Redis keys
+    (without this a SIGTERM left the run's keys in a shared Redis)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def bench_train(
@@ -137,6 +146,7 @@ def bench_train(
     equal decoded tokens) and sampling cost."""
     from treepo.trainer.bench import VARIANTS, run_bench
 
+    _exit_on_sigterm()
     chosen = [v.strip() for v in variants.split(",") if v.strip()]
     unknown = [v for v in chosen if v not in VARIANTS]
     if unknown or not chosen:
