@@ -43,4 +43,3 @@ async def test_started_trees_go_first_so_waiting_paths_are_not_evicted_and_recom
     monkeypatch.setattr("treepo.service.sampler.tree._start_order", itertools.repeat(0))
     arrival_prefill, arrival_floor = await _prefill_and_floor(tiny_model_path)
     assert arrival_floor == floor and arrival_prefill >= 3 * floor  # measured 4.1x
-
