@@ -15,7 +15,11 @@ import httpx
 import pytest
 
 TREEPO = str(Path(sys.executable).parent / "treepo")
-LONG_TREE = {"width": 2, "branch": 2, "segment_tokens": 1, "max_depth": 2000}  # ~100 s at 50 ms per call
+# up to 2,000 levels of 50 ms calls
+LONG_TREE = {"width": 2, "branch": 2, "segment_tokens": 1, "max_depth": 2000}
+# Unseeded, the scripted engine's 1% EOS ended some trees within the grace period (about 1 run in 14
+# failed); with this seed the trees of prompts "1" and "2" are 249 and 217 levels deep: > 10 s each.
+LONG_SEED = {"seed": 9}
 
 
 def _inflight(http: httpx.Client) -> float:
@@ -45,7 +49,10 @@ def test_sigterm_drains_within_the_grace_period(redis_url, key_prefix, free_port
     def inline() -> None:
         try:
             answers.append(
-                httpx.post(url + "/rollout_tree", json={"prompts": [{"text": "1"}], "tree": LONG_TREE})
+                httpx.post(
+                    url + "/rollout_tree",
+                    json={"prompts": [{"text": "1"}], "tree": LONG_TREE, "sampling": LONG_SEED},
+                )
             )
         except httpx.HTTPError as exc:
             answers.append(exc)
@@ -62,7 +69,7 @@ def test_sigterm_drains_within_the_grace_period(redis_url, key_prefix, free_port
                 assert proc.poll() is None and time.monotonic() < deadline, "treepo serve did not start"
             client = threading.Thread(target=inline)
             client.start()
-            body = {"prompts": [{"text": "2"}], "tree": LONG_TREE, "delivery": "queue"}
+            body = {"prompts": [{"text": "2"}], "tree": LONG_TREE, "sampling": LONG_SEED, "delivery": "queue"}
             assert http.post("/rollout_tree", json=body).status_code == 202
             while _inflight(http) < 2:  # the inline tree and the queued one are being sampled
                 pass
