@@ -79,20 +79,10 @@ class RadixCache:
 
     def match_prefix(self, key: Sequence[int]) -> MatchResult:
         """Longest cached prefix of `key`; splits a node so the match ends on a node boundary."""
-        node, pieces, pos = self.root, [], 0
-        key = tuple(key)
         now = next(self._clock)
-        node.last_access = now
-        while pos < len(key) and (child := node.children.get(key[pos])) is not None:
-            shared = _shared_length(child.key, key, pos)
-            if shared < len(child.key):
-                child = self._split(child, shared)
-            child.last_access = now
-            pieces.append(child.value)
-            pos += shared
-            node = child
-        indices = _join(pieces)
-        return MatchResult(indices=indices, last_node=node)
+        self.root.last_access = now
+        node, _, pieces = self._walk(self.root, tuple(key), now)
+        return MatchResult(indices=_join(pieces), last_node=node)
 
     def insert(self, key: Sequence[int], value: torch.Tensor) -> int:
         """Cache `key` with KV slots `value`; returns how many leading tokens were already cached.
@@ -114,17 +104,8 @@ class RadixCache:
         cached, the node `key` ends at, and the tree's slots of those cached tokens."""
         key = tuple(key)
         assert value.numel() == len(key), f"{value.numel()=} {len(key)=}"
-        pos, pieces = 0, []
         now = next(self._clock)
-        while pos < len(key) and (child := node.children.get(key[pos])) is not None:
-            shared = _shared_length(child.key, key, pos)
-            if shared < len(child.key):
-                child = self._split(child, shared)
-            child.last_access = now
-            pieces.append(child.value)
-            pos += shared
-            node = child
-        present = _join(pieces)
+        node, pos, pieces = self._walk(node, key, now)
         if pos < len(key):
             leaf = TreeNode(key[pos:], value[pos:].clone(), parent=node)
             leaf.last_access = now
@@ -132,7 +113,7 @@ class RadixCache:
             self._evictable += len(leaf.key)
             self._push(leaf)
             node = leaf
-        return pos, node, present
+        return pos, node, _join(pieces)
 
     def inc_lock_ref(self, node: TreeNode) -> None:
         """Protect `node` and its ancestors from eviction (one count per user)."""
@@ -189,6 +170,22 @@ class RadixCache:
         return self._evictable + self._protected
 
     # Internal helpers
+
+    def _walk(
+        self, node: TreeNode, key: tuple[int, ...], now: int
+    ) -> tuple[TreeNode, int, list[torch.Tensor]]:
+        """Follow `key` down from `node` as far as it is cached, splitting the last edge where the key leaves
+        it; returns the node reached, the tokens matched and the slots of each edge passed."""
+        pos, pieces = 0, []
+        while pos < len(key) and (child := node.children.get(key[pos])) is not None:
+            shared = _shared_length(child.key, key, pos)
+            if shared < len(child.key):
+                child = self._split(child, shared)
+            child.last_access = now
+            pieces.append(child.value)
+            pos += shared
+            node = child
+        return node, pos, pieces
 
     def _split(self, child: TreeNode, at: int) -> TreeNode:
         """Cut `child`'s edge after `at` tokens; returns the new upper node (it inherits the locks)."""
