@@ -88,7 +88,7 @@ def build_batch(
     )
 
 
-MIN_SPLIT_KEYS = 1024  # key reads a cut must save to pay for another group's kernels (measured on CPU)
+MIN_SPLIT_KEYS = 1024  # key reads a cut must save to pay for another group's kernels (an estimate, not tuned)
 MAX_SINGLE_GROUPS = 4
 
 
