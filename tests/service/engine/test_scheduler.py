@@ -27,7 +27,7 @@ class FakeSlots:
 
 
 def row(ids: list[int], max_new_tokens: int = 2) -> Sequence:
-    return Sequence(ids, max_new_tokens, frozenset({0}), 0.0, 1.0, -1, [])
+    return Sequence(ids, max_new_tokens, frozenset({0}), 0.0, 1.0, -1, seed=0)
 
 
 class TestScheduler:

@@ -5,27 +5,57 @@ from __future__ import annotations
 import pytest
 import torch
 
-from treepo.service.engine.token_sampling import SamplingBatch, sample_next
+from treepo.service.engine.token_sampling import SamplingBatch, counter_uniforms, sample_next
 
 VOCAB = 6
 LOGITS = torch.log(torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05, 0.0001]))
 
 
 def batch_of(n: int, *, temperature=1.0, top_p=1.0, top_k=-1, seeds=None) -> SamplingBatch:
-    return SamplingBatch.build(
+    return SamplingBatch.from_rows(
         [temperature] * n,
         [top_p] * n,
         [top_k] * n,
         seeds or list(range(n)),
-        max_steps=20,
         vocab_size=VOCAB,
         device=torch.device("cpu"),
     )
 
 
+def first(n: int) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.int64)  # every row draws its first token
+
+
 def draw(n: int, **kwargs) -> torch.Tensor:
-    tokens, _ = sample_next(LOGITS.expand(n, VOCAB).clone(), batch_of(n, **kwargs))
+    tokens, _ = sample_next(LOGITS.expand(n, VOCAB).clone(), batch_of(n, **kwargs), first(n))
     return tokens
+
+
+def splitmix64_uniform(seed: int, k: int) -> float:
+    """The reference: SplitMix64 in Python integers, top 24 bits."""
+    mask = 2**64 - 1
+    x = (seed + (k + 1) * 0x9E3779B97F4A7C15) & mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    x ^= x >> 31
+    return (x >> 40) / 2**24
+
+
+class TestCounterUniforms:
+    def test_bit_for_bit_the_python_reference(self):
+        seeds = [0, 1, 7, 2**31, 2**62 + 12345, 2**63 - 1, 987654321987654321]
+        counters = [0, 1, 5, 63, 1000]
+        pairs = [(seed, k) for seed in seeds for k in counters]
+        batch = batch_of(len(pairs), seeds=[seed for seed, _ in pairs])
+        got = counter_uniforms(batch.seeds, torch.tensor([k for _, k in pairs]))
+        assert got.dtype == torch.float32
+        assert got.tolist() == [splitmix64_uniform(seed, k) for seed, k in pairs]
+
+    def test_uniform_in_the_unit_interval(self):
+        values = counter_uniforms(torch.arange(100).repeat_interleave(100), torch.arange(100).repeat(100))
+        assert 0 <= values.min() and values.max() < 1
+        assert abs(values.mean().item() - 0.5) < 0.01
+        assert len(set(values.tolist())) > 9900  # (seed, k) pairs do not collide in practice
 
 
 class TestSampleNext:
@@ -57,36 +87,30 @@ class TestSampleNext:
 
     def test_same_seed_same_tokens_whatever_the_batch(self):
         for seed in range(20):
-            alone = sample_next(LOGITS[None].clone(), batch_of(1, seeds=[seed]))[0]
-            mixed = sample_next(LOGITS.expand(3, VOCAB).clone(), batch_of(3, seeds=[7, seed, 9]))[0]
-            assert mixed[1].item() == alone.item()
+            for k in (0, 3):
+                alone = sample_next(LOGITS[None].clone(), batch_of(1, seeds=[seed]), torch.tensor([k]))[0]
+                mixed = sample_next(
+                    LOGITS.expand(3, VOCAB).clone(), batch_of(3, seeds=[7, seed, 9]), torch.tensor([1, k, 8])
+                )[0]
+                assert mixed[1].item() == alone.item()
         a = batch_of(1, seeds=[5])
         b = batch_of(1, seeds=[5])
-        seq_a = [sample_next(LOGITS[None].clone(), a)[0].item() for _ in range(20)]
-        seq_b = [sample_next(LOGITS[None].clone(), b)[0].item() for _ in range(20)]
+        seq_a = [sample_next(LOGITS[None].clone(), a, torch.tensor([k]))[0].item() for k in range(20)]
+        seq_b = [sample_next(LOGITS[None].clone(), b, torch.tensor([k]))[0].item() for k in range(20)]
         assert seq_a == seq_b and len(set(seq_a)) > 1
 
     def test_logprobs_are_of_the_unmodified_distribution(self):
         tokens, logprobs = sample_next(
-            LOGITS.expand(50, VOCAB).clone(), batch_of(50, temperature=0.3, top_k=2)
+            LOGITS.expand(50, VOCAB).clone(), batch_of(50, temperature=0.3, top_k=2), first(50)
         )
         torch.testing.assert_close(logprobs, torch.log_softmax(LOGITS, -1)[tokens])
 
-    def test_select_keeps_rows_and_their_uniforms(self):
-        batch = batch_of(3, temperature=0.5, seeds=[1, 2, 3])
-        picked = batch.select(torch.tensor([2, 0]))
-        assert picked.temperature.tolist() == [0.5, 0.5]
-        assert torch.equal(picked.uniforms, batch.uniforms[[2, 0]])
-
     def test_greedy_rows_stay_greedy_in_a_sampled_batch(self):
-        batch = SamplingBatch.build(
-            [0.0, 1.0],
-            [1.0, 1.0],
-            [-1, -1],
-            [1, 2],
-            max_steps=50,
-            vocab_size=VOCAB,
-            device=torch.device("cpu"),
+        batch = SamplingBatch.from_rows(
+            [0.0, 1.0], [1.0, 1.0], [-1, -1], [1, 2], vocab_size=VOCAB, device=torch.device("cpu")
         )
-        greedy_row = [sample_next(LOGITS.expand(2, VOCAB).clone(), batch)[0][0].item() for _ in range(50)]
+        greedy_row = [
+            sample_next(LOGITS.expand(2, VOCAB).clone(), batch, torch.tensor([k, k]))[0][0].item()
+            for k in range(50)
+        ]
         assert greedy_row == [0] * 50

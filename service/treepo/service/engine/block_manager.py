@@ -7,11 +7,16 @@ tables are the lines of one (max_rows, max_row_tokens) int64 matrix, so a step's
 the row's input is computed it goes into the tree (siblings arriving later hit it); when the row stops,
 its whole sequence does. Admission reserves the worst case (input + max_new_tokens) against the KV token
 budget, so a step's allocation never fails: it only evicts unlocked cache.
+
+A request that continues a row which just stopped (the tree sampler's next segment: the row's tokens plus
+the one it sampled) finds that row's tree node and slots in a small index of stopped rows instead of walking
+the radix tree edge by edge and joining the edges' slots: most of a tree's requests are such continuations.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 
 import torch
 
@@ -20,6 +25,8 @@ from treepo.service.engine.radix_cache import RadixCache, TreeNode
 from treepo.service.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
+
+STOPPED_ROWS_PER_ROW = 4  # stopped rows remembered per running-row slot (a tree level waits for its slowest)
 
 
 class BlockManager:
@@ -45,6 +52,9 @@ class BlockManager:
         self._locked_length: dict[int, int] = {}  # seq_id -> tokens that node spells
         self._tree_length: dict[int, int] = {}  # seq_id -> leading table entries owned by the tree
         self._allocated: dict[int, int] = {}  # seq_id -> table entries filled so far
+        # tokens of a recently stopped row -> the tree node they end at and their slots (oldest first)
+        self._stopped: OrderedDict[tuple[int, ...], tuple[TreeNode, torch.Tensor]] = OrderedDict()
+        self._max_stopped = STOPPED_ROWS_PER_ROW * max_rows
         self.num_reserved = 0  # slots promised to running rows and not allocated yet
         self.num_owned = 0  # slots held by running rows outside the tree
         self.peak_active_tokens = 0  # max over steps of slots the running rows hold or lock
@@ -53,21 +63,21 @@ class BlockManager:
 
     def try_admit(self, seq: Sequence) -> bool:
         """Lock the row's cached prefix and reserve its worst-case slots, or leave it waiting."""
-        match = self.radix.match_prefix(seq.token_ids)
-        cached = min(match.length, seq.num_input_tokens - 1)  # one input token computed: its logits
-        self.radix.inc_lock_ref(match.last_node)
+        node, slots = self._match(seq)
+        cached = min(len(slots), seq.num_input_tokens - 1)  # one input token computed: its logits
+        self.radix.inc_lock_ref(node)
         need = seq.max_slots - cached
         if need > self.pool.num_free + self.radix.evictable_size - self.num_reserved:
-            self.radix.dec_lock_ref(match.last_node)
+            self.radix.dec_lock_ref(node)
             return False
         assert self._free_rows and seq.max_slots <= self.slot_table.shape[1], f"{seq.max_slots=}"
         table_row = self._free_rows.pop()
         table = self.slot_table[table_row]
-        table[:cached] = match.indices[:cached]
+        table[:cached] = slots[:cached]
         self.table_row[seq.seq_id] = table_row
         self.tables[seq.seq_id] = table
-        self._locked[seq.seq_id] = match.last_node
-        self._locked_length[seq.seq_id] = match.length
+        self._locked[seq.seq_id] = node
+        self._locked_length[seq.seq_id] = len(slots)
         self._tree_length[seq.seq_id] = self._allocated[seq.seq_id] = cached
         self.num_reserved += need
         seq.num_cached_tokens = seq.num_computed = cached
@@ -113,9 +123,12 @@ class BlockManager:
     def release(self, seq: Sequence) -> None:
         """The row stopped (finished or aborted): cache what it computed, free the rest, unlock."""
         seq_id = seq.seq_id
-        if seq.num_computed > self._tree_length[seq_id]:
-            self._insert(seq, seq.num_computed)
-        allocated, computed = self._allocated.pop(seq_id), seq.num_computed
+        computed = seq.num_computed
+        if computed > self._tree_length[seq_id]:
+            self._remember(seq, self._insert(seq, computed))
+        elif computed and computed == self._locked_length[seq_id]:
+            self._remember(seq, self._locked[seq_id])
+        allocated = self._allocated.pop(seq_id)
         if allocated > computed:  # a failed step's slots
             self.pool.free(self.tables[seq_id][computed:allocated])
             self.num_owned -= allocated - computed
@@ -129,6 +142,7 @@ class BlockManager:
         """Drop the whole prefix cache (after a weight update); no row may be running."""
         assert not self.tables and self.radix.protected_size == 0, f"{len(self.tables)=}"
         self.radix.reset()
+        self._stopped.clear()
         self.pool.clear()
 
     @property
@@ -137,6 +151,24 @@ class BlockManager:
         return self.radix.protected_size + self.num_owned
 
     # Internal helpers
+
+    def _match(self, seq: Sequence) -> tuple[TreeNode, torch.Tensor]:
+        """The longest cached prefix of the row's input: the node it ends at and its slots."""
+        if seq.num_input_tokens > 1:
+            hit = self._stopped.get(tuple(seq.token_ids[:-1]))
+            if hit is not None and self.radix.touch(hit[0]):  # still cached: a stopped row's continuation
+                return hit
+        match = self.radix.match_prefix(seq.token_ids)
+        return match.last_node, match.indices
+
+    def _remember(self, seq: Sequence, node: TreeNode) -> None:
+        """Index a stopping row's computed tokens (all in the tree now) for a request continuing it."""
+        computed = seq.num_computed
+        key = tuple(seq.token_ids[:computed])
+        self._stopped.pop(key, None)
+        self._stopped[key] = (node, self.tables[seq.seq_id][:computed].clone())
+        if len(self._stopped) > self._max_stopped:
+            self._stopped.popitem(last=False)
 
     def _insert(self, seq: Sequence, length: int) -> TreeNode:
         """Insert the row's first `length` tokens; rows owning duplicates free them and use the tree's."""

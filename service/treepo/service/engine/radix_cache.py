@@ -115,6 +115,16 @@ class RadixCache:
             node = leaf
         return pos, node, _join(pieces)
 
+    def touch(self, node: TreeNode) -> bool:
+        """Mark the path to `node` used now, as `match_prefix` would; False if `node` left the tree."""
+        if node.parent is None and node is not self.root:  # evicted (a tree loses leaves first, so an
+            return False  # attached node's whole path, hence its slots, is cached)
+        now = next(self._clock)
+        while node is not None:
+            node.last_access = now
+            node = node.parent
+        return True
+
     def inc_lock_ref(self, node: TreeNode) -> None:
         """Protect `node` and its ancestors from eviction (one count per user)."""
         while node is not self.root:

@@ -20,7 +20,7 @@ class Sequence:
     temperature: float
     top_p: float
     top_k: int
-    uniforms: list[float]  # the k-th new token is drawn with uniforms[k] (see token_sampling)
+    seed: int  # the k-th new token is drawn with counter_uniforms(seed, k) (see token_sampling)
     deliver: Callable[[Any], None] = lambda result: None  # called once, from the worker, with the result
     seq_id: int = field(default_factory=lambda: next(_ids))
     priority: int = 0  # lower is admitted first; ties in arrival order

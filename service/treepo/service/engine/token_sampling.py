@@ -1,21 +1,47 @@
 """Next-token sampling for a batch with per-request temperature, top-k, top-p and seed.
 
-Each request owns a CPU `torch.Generator`; at the start of a call it draws one uniform per possible new
-token, and the k-th token of the request is drawn (inverse CDF) with its k-th uniform. Its samples thus
-depend only on its seed and its own logits, not on what else is in the batch, and a step costs no
-per-row work. The reported logprob is the sampled token's log-probability under the unmodified model
-distribution (temperature 1, no filtering): the `old_per_token_logprobs` an RL trainer needs.
+The k-th new token of a request is drawn (inverse CDF) with the uniform `counter_uniforms(seed, k)`: a
+counter-based generator (SplitMix64's mixing of seed + k), so a request's samples depend only on its seed
+and its own logits, not on what else is in the batch, and a step computes its rows' uniforms in a few
+tensor ops: a request costs no generator state and no work when it is created (it is created on the event
+loop's thread, where every torch call would hand the GIL to the engine thread and wait to get it back).
+The reported logprob is the sampled token's log-probability under the unmodified model distribution
+(temperature 1, no filtering): the `old_per_token_logprobs` an RL trainer needs.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-_local = threading.local()
+
+def _signed(value: int) -> int:
+    """A 64-bit constant as the int64 with the same bits."""
+    return value - 2**64 if value >= 2**63 else value
+
+
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+_MIX1 = _signed(0xBF58476D1CE4E5B9)
+_MIX2 = _signed(0x94D049BB133111EB)
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's `>>` is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def counter_uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """Uniforms in [0, 1), float32 (24 random bits, exact), of (seed, k) pairs: int64 tensors, same shape.
+
+    SplitMix64 (Steele, Lea and Flood 2014) of seed + (k + 1) * golden ratio, all mod 2^64 (int64 products
+    wrap around); tests check it bit for bit against Python integers."""
+    x = seeds + (counters + 1) * _GOLDEN
+    x = (x ^ _shift_right(x, 30)) * _MIX1
+    x = (x ^ _shift_right(x, 27)) * _MIX2
+    x = x ^ _shift_right(x, 31)
+    return _shift_right(x, 40).to(torch.float32) * 2.0**-24
 
 
 @dataclass(slots=True)
@@ -25,25 +51,9 @@ class SamplingBatch:
     temperature: torch.Tensor  # (B,) float32; 0 = greedy
     top_p: torch.Tensor  # (B,) float32 in (0, 1]
     top_k: torch.Tensor  # (B,) int64; >= vocab size when off
-    uniforms: torch.Tensor  # (B, max_steps) float32: row i's k-th token uses uniforms[i, k]
+    seeds: torch.Tensor  # (B,) int64
     is_all_greedy: bool
     is_filtered: bool  # some row uses top-k or top-p
-    step: int = 0
-
-    @classmethod
-    def build(
-        cls,
-        temperatures: Sequence[float],
-        top_ps: Sequence[float],
-        top_ks: Sequence[int],
-        seeds: Sequence[int],
-        *,
-        max_steps: int,
-        vocab_size: int,
-        device: torch.device,
-    ) -> SamplingBatch:
-        uniforms = torch.tensor([draw_uniforms(seed, max_steps) for seed in seeds])  # (B, max_steps)
-        return cls.from_rows(temperatures, top_ps, top_ks, uniforms, vocab_size=vocab_size, device=device)
 
     @classmethod
     def from_rows(
@@ -51,55 +61,34 @@ class SamplingBatch:
         temperatures: Sequence[float],
         top_ps: Sequence[float],
         top_ks: Sequence[int],
-        uniforms: torch.Tensor,
+        seeds: Sequence[int],
         *,
         vocab_size: int,
         device: torch.device,
     ) -> SamplingBatch:
-        """A batch whose row i draws its k-th next token with `uniforms[i, k]`, (B, steps) float32."""
         top_ks = [k if k >= 1 else vocab_size for k in top_ks]
         return cls(
             temperature=torch.tensor(temperatures, dtype=torch.float32, device=device),
             top_p=torch.tensor(top_ps, dtype=torch.float32, device=device),
             top_k=torch.tensor(top_ks, dtype=torch.int64, device=device),
-            uniforms=uniforms.to(device=device, dtype=torch.float32),
+            seeds=torch.tensor([_signed(seed % 2**64) for seed in seeds], dtype=torch.int64, device=device),
             is_all_greedy=all(t == 0 for t in temperatures),
             is_filtered=any(k < vocab_size for k in top_ks) or any(p < 1 for p in top_ps),
         )
 
-    def select(self, keep: torch.Tensor) -> SamplingBatch:
-        """The rows `keep` (positions in this batch), in that order."""
-        index = keep.to(self.temperature.device)
-        return SamplingBatch(
-            temperature=self.temperature[index],
-            top_p=self.top_p[index],
-            top_k=self.top_k[index],
-            uniforms=self.uniforms[index],
-            is_all_greedy=self.is_all_greedy,
-            is_filtered=self.is_filtered,
-            step=self.step,
-        )
 
-
-def draw_uniforms(seed: int, n: int) -> list[float]:
-    """The `n` uniforms a request with `seed` draws its tokens with (its k-th token uses the k-th)."""
-    generator = getattr(_local, "generator", None)
-    if generator is None:  # one per thread, re-seeded per request (creating one costs more than drawing)
-        generator = _local.generator = torch.Generator()
-    generator.manual_seed(seed % 2**63)
-    return torch.rand(n, generator=generator).tolist()
-
-
-def sample_next(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row of `logits` (B, V); returns (tokens (B,), logprobs (B,))."""
-    assert batch.step < batch.uniforms.shape[1], f"{batch.step=} {batch.uniforms.shape=}"
+def sample_next(
+    logits: torch.Tensor, batch: SamplingBatch, counters: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row of `logits` (B, V), row i's `counters[i]`-th (int64, (B,)); returns
+    (tokens (B,), logprobs (B,))."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, V), unmodified distribution
     tokens = logprobs.argmax(dim=-1)
     if not batch.is_all_greedy:
         temperature = batch.temperature.clamp(min=1e-6)[:, None]  # greedy rows are overridden below
-        chosen = _draw(logprobs / temperature, batch, batch.uniforms[:, batch.step])
+        uniforms = counter_uniforms(batch.seeds, counters.to(batch.seeds.device))
+        chosen = _draw(logprobs / temperature, batch, uniforms)
         tokens = torch.where(batch.temperature > 0, chosen, tokens)
-    batch.step += 1
     return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)
 
 
