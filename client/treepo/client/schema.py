@@ -222,6 +222,11 @@ class Node(BaseModel):
         """-inf/NaN (or null from an older writer) -> LOGPROB_FLOOR: the tree always serialises and parses."""
         if not isinstance(value, list):
             return value
+        try:  # the common case, checked in C: finite numbers above the floor pass as they are
+            if math.isfinite(sum(value)) and (not value or min(value) >= LOGPROB_FLOOR):
+                return value
+        except TypeError:  # a null inside
+            pass
         return [_floored(v) for v in value]
 
 

@@ -33,8 +33,15 @@ def blocks() -> BlockManager:
     return BlockManager(64, SHAPE, max_rows=4, max_row_tokens=64)
 
 
+def table_after_a_step(blocks: BlockManager, row: Sequence) -> list[int]:
+    """The row's slot table once its first step is allocated (admission fills tables at the next step)."""
+    row.num_scheduled = row.num_uncomputed
+    blocks.allocate_step([row])
+    return blocks.slot_table[blocks.table_row[row.seq_id], : row.num_cached_tokens].tolist()
+
+
 def cached_slots(blocks: BlockManager, tokens: list[int]) -> list[int]:
-    return blocks.radix.match_prefix(tokens).indices.tolist()
+    return list(blocks.radix.match_prefix(tokens).indices)
 
 
 def test_a_continuation_is_admitted_from_the_stopped_row_without_a_radix_walk(blocks, monkeypatch):
@@ -50,7 +57,7 @@ def test_a_continuation_is_admitted_from_the_stopped_row_without_a_radix_walk(bl
     child = new_row(parent.token_ids)  # the next segment: the parent's tokens + the one it sampled
     assert blocks.try_admit(child)
     assert child.num_cached_tokens == 5
-    assert blocks.tables[child.seq_id][:5].tolist() == expected
+    assert table_after_a_step(blocks, child) == expected
     assert blocks.radix.protected_size == 5  # the parent's tokens are locked while the child runs
 
 
@@ -73,7 +80,7 @@ def test_a_continuation_after_a_split_keeps_the_stopped_rows_slots(blocks):
     child = new_row(parent.token_ids)
     assert blocks.try_admit(child)
     assert child.num_cached_tokens == 5
-    assert blocks.tables[child.seq_id][:5].tolist() == expected
+    assert table_after_a_step(blocks, child) == expected
 
 
 def test_flush_forgets_the_stopped_rows(blocks):
@@ -89,3 +96,16 @@ def test_the_index_is_bounded(blocks):
     for first in range(40):
         run_row(blocks, new_row([first, 1]), [2])
     assert len(blocks._stopped) == blocks._max_stopped == 16
+
+
+def test_a_row_released_before_its_first_step_leaves_true_slots(blocks):
+    parent = new_row([5, 6, 7])
+    run_row(blocks, parent, [8, 9, 10])
+    expected = cached_slots(blocks, parent.token_ids[:-1])
+    run_row(blocks, new_row([1, 2, 3, 4]), [11])  # leaves other slots in the table line reused next
+    child = new_row(parent.token_ids)
+    assert blocks.try_admit(child)
+    blocks.release(child)  # aborted at once: its prefix fill was still pending
+    node, slots = blocks._stopped[tuple(parent.token_ids[:-1])]
+    assert list(slots) == expected
+    assert blocks.radix.protected_size == 0

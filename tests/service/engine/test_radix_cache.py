@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from treepo.service.engine.radix_cache import RadixCache
 
 
-def slots(start: int, n: int) -> torch.Tensor:
-    return torch.arange(start, start + n, dtype=torch.int64)
+def slots(start: int, n: int) -> tuple[int, ...]:
+    return tuple(range(start, start + n))
 
 
 def edges(cache: RadixCache) -> list[tuple[int, ...]]:
@@ -44,7 +43,7 @@ class TestRadixCache:
         for key in inserted:
             present = cache.match_prefix(key).length
             cache.insert(
-                key, torch.cat([cache.match_prefix(key).indices, slots(next_slot, len(key) - present)])
+                key, cache.match_prefix(key).indices + slots(next_slot, len(key) - present)
             )
             next_slot += len(key) - present
         match = cache.match_prefix(query)
@@ -54,31 +53,31 @@ class TestRadixCache:
 
     def test_match_returns_the_slots_of_each_token(self):
         cache = RadixCache()
-        cache.insert([1, 2, 3, 4], torch.tensor([10, 11, 12, 13]))
-        cache.insert([1, 2, 5], torch.tensor([10, 11, 20]))
-        assert cache.match_prefix([1, 2, 3, 9]).indices.tolist() == [10, 11, 12]
-        assert cache.match_prefix([1, 2, 5]).indices.tolist() == [10, 11, 20]
+        cache.insert([1, 2, 3, 4], [10, 11, 12, 13])
+        cache.insert([1, 2, 5], [10, 11, 20])
+        assert list(cache.match_prefix([1, 2, 3, 9]).indices) == [10, 11, 12]
+        assert list(cache.match_prefix([1, 2, 5]).indices) == [10, 11, 20]
 
     def test_insert_reports_the_cached_prefix_and_keeps_the_first_slots(self):
         cache = RadixCache()
-        assert cache.insert([1, 2, 3], torch.tensor([10, 11, 12])) == 0
-        assert cache.insert([1, 2, 3, 4], torch.tensor([50, 51, 52, 13])) == 3
-        assert cache.match_prefix([1, 2, 3, 4]).indices.tolist() == [10, 11, 12, 13]
-        assert cache.insert([1, 2], torch.tensor([60, 61])) == 2
+        assert cache.insert([1, 2, 3], [10, 11, 12]) == 0
+        assert cache.insert([1, 2, 3, 4], [50, 51, 52, 13]) == 3
+        assert list(cache.match_prefix([1, 2, 3, 4]).indices) == [10, 11, 12, 13]
+        assert cache.insert([1, 2], [60, 61]) == 2
         assert cache.total_size == 4
 
     def test_extend_inserts_below_a_node_and_returns_the_cached_slots(self):
         cache = RadixCache()
-        _, node = cache.insert_node([1, 2, 3], torch.tensor([10, 11, 12]))
-        cache.insert([1, 2, 3, 4, 5], torch.tensor([10, 11, 12, 13, 14]))  # a sibling cached 4, 5 meanwhile
-        present, end, tree_slots = cache.extend(node, [4, 5, 6], torch.tensor([40, 41, 42]))
-        assert present == 2 and tree_slots.tolist() == [13, 14]
-        assert cache.match_prefix([1, 2, 3, 4, 5, 6]).indices.tolist() == [10, 11, 12, 13, 14, 42]
+        _, node = cache.insert_node([1, 2, 3], [10, 11, 12])
+        cache.insert([1, 2, 3, 4, 5], [10, 11, 12, 13, 14])  # a sibling cached 4, 5 meanwhile
+        present, end, tree_slots = cache.extend(node, [4, 5, 6], [40, 41, 42])
+        assert present == 2 and list(tree_slots) == [13, 14]
+        assert list(cache.match_prefix([1, 2, 3, 4, 5, 6]).indices) == [10, 11, 12, 13, 14, 42]
         assert cache.match_prefix([1, 2, 3, 4, 5, 6]).last_node is end and cache.total_size == 6
 
     def test_evict_frees_least_recently_used_leaves_first(self):
         freed: list[list[int]] = []
-        cache = RadixCache(on_evict=lambda s: freed.append(s.tolist()))
+        cache = RadixCache(on_evict=lambda s: freed.append(list(s)))
         cache.insert([1, 2], slots(1, 2))
         cache.insert([3, 4], slots(3, 2))
         cache.insert([5, 6], slots(5, 2))
@@ -91,9 +90,9 @@ class TestRadixCache:
 
     def test_evict_climbs_to_parents_that_become_leaves(self):
         freed: list[list[int]] = []
-        cache = RadixCache(on_evict=lambda s: freed.append(s.tolist()))
+        cache = RadixCache(on_evict=lambda s: freed.append(list(s)))
         cache.insert([1, 2, 3], slots(1, 3))
-        cache.insert([1, 2, 4], torch.tensor([1, 2, 9]))
+        cache.insert([1, 2, 4], [1, 2, 9])
         cache.insert([8], slots(20, 1))
         cache.match_prefix([8])
         assert cache.evict(4) == 4
@@ -145,14 +144,14 @@ class TestRadixCache:
 def test_random_inserts_keep_every_prefix_on_its_first_slots(sequences, evict_tokens):
     """Property: a cached prefix always maps to the slots given when it was first inserted; sizes add up."""
     freed: list[int] = []
-    cache = RadixCache(on_evict=lambda s: freed.extend(s.tolist()))
+    cache = RadixCache(on_evict=lambda s: freed.extend(list(s)))
     slot_of: dict[tuple[int, ...], int] = {}  # prefix -> slot of its last token
     for seq in sequences:
         match = cache.match_prefix(seq)
         new = slots(1 + len(slot_of), len(seq) - match.length)
         for n in range(match.length + 1, len(seq) + 1):
             slot_of[tuple(seq[:n])] = int(new[n - match.length - 1])
-        assert cache.insert(seq, torch.cat([match.indices, new])) == match.length
+        assert cache.insert(seq, match.indices + new) == match.length
     assert cache.total_size == len(slot_of)
     assert cache.evict(evict_tokens) >= min(evict_tokens, len(slot_of))
     assert cache.total_size + len(freed) == len(slot_of)

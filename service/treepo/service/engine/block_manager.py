@@ -3,10 +3,14 @@
 A running row's table lists the pool slot of each of its tokens in order: first the cached prefix (slots
 owned by the tree, locked while the row runs), then slots the row allocated for tokens it computed. The
 tables are the lines of one (max_rows, max_row_tokens) int64 matrix, so a step's key slots are one
-`index_select` and a decode step's new slots one indexed store. When
-the row's input is computed it goes into the tree (siblings arriving later hit it); when the row stops,
-its whole sequence does. Admission reserves the worst case (input + max_new_tokens) against the KV token
-budget, so a step's allocation never fails: it only evicts unlocked cache.
+`index_select`. When the row's input is computed it goes into the tree (siblings arriving later hit it);
+when the row stops, its whole sequence does. Admission reserves the worst case (input + max_new_tokens)
+against the KV token budget, so a step's allocation never fails: it only evicts unlocked cache.
+
+Per request, the bookkeeping is Python lists (each row's slots, the tree's edges, the free list); the
+tensor is written once per step with every change since the last one. A tensor op per request would hand
+the GIL to the event loop (the tree sampler) and wait to get it back: measured 30-90 us per op while the
+loop is busy, against ~1 us for the list operation.
 
 A request that continues a row which just stopped (the tree sampler's next segment: the row's tokens plus
 the one it sampled) finds that row's tree node and slots in a small index of stopped rows instead of walking
@@ -47,14 +51,14 @@ class BlockManager:
         self.slot_table = torch.zeros((max_rows, width), dtype=torch.int64)  # (rows, tokens), CPU
         self._free_rows = list(range(max_rows - 1, -1, -1))
         self.table_row: dict[int, int] = {}  # seq_id -> its line in slot_table
-        self.tables: dict[int, torch.Tensor] = {}  # seq_id -> its line (a view)
+        self.row_slots: dict[int, list[int]] = {}  # seq_id -> its table line's filled part, as a list
         self._locked: dict[int, TreeNode] = {}  # seq_id -> the tree node its cached prefix ends at
         self._locked_length: dict[int, int] = {}  # seq_id -> tokens that node spells
         self._tree_length: dict[int, int] = {}  # seq_id -> leading table entries owned by the tree
-        self._allocated: dict[int, int] = {}  # seq_id -> table entries filled so far
         # tokens of a recently stopped row -> the tree node they end at and their slots (oldest first)
-        self._stopped: OrderedDict[tuple[int, ...], tuple[TreeNode, torch.Tensor]] = OrderedDict()
+        self._stopped: OrderedDict[tuple[int, ...], tuple[TreeNode, tuple[int, ...]]] = OrderedDict()
         self._max_stopped = STOPPED_ROWS_PER_ROW * max_rows
+        self._writes: list[tuple[int, int, list[int] | tuple[int, ...]]] = []  # (line, column, slots) due
         self.num_reserved = 0  # slots promised to running rows and not allocated yet
         self.num_owned = 0  # slots held by running rows outside the tree
         self.peak_active_tokens = 0  # max over steps of slots the running rows hold or lock
@@ -71,45 +75,52 @@ class BlockManager:
             self.radix.dec_lock_ref(node)
             return False
         assert self._free_rows and seq.max_slots <= self.slot_table.shape[1], f"{seq.max_slots=}"
-        table_row = self._free_rows.pop()
-        table = self.slot_table[table_row]
-        table[:cached] = slots[:cached]
-        self.table_row[seq.seq_id] = table_row
-        self.tables[seq.seq_id] = table
+        line = self._free_rows.pop()
+        prefix = list(slots[:cached])
+        self._writes.append((line, 0, prefix))
+        self.table_row[seq.seq_id] = line
+        self.row_slots[seq.seq_id] = prefix
         self._locked[seq.seq_id] = node
         self._locked_length[seq.seq_id] = len(slots)
-        self._tree_length[seq.seq_id] = self._allocated[seq.seq_id] = cached
+        self._tree_length[seq.seq_id] = cached
         self.num_reserved += need
         seq.num_cached_tokens = seq.num_computed = cached
         return True
 
     def allocate_step(self, rows: list[Sequence]) -> torch.Tensor:
-        """Slots for every token fed this step, (sum of num_scheduled,) in row order, written into tables."""
+        """Slots for every token fed this step, (sum of num_scheduled,) in row order; tables written."""
         total = sum(seq.num_scheduled for seq in rows)
         if self.pool.num_free < total:
             self.radix.evict(total - self.pool.num_free)
         slots = self.pool.alloc(total)
         assert slots is not None, f"{total=} {self.pool.num_free=} {self.num_reserved=}"
-        single_rows, single_cols, single_at = [], [], []  # rows fed one token: one indexed store
         start = 0
         for seq in rows:
-            begin, count = self._allocated[seq.seq_id], seq.num_scheduled
-            assert begin == seq.num_computed, f"{begin=} {seq.num_computed=}"
-            if count == 1:
-                single_rows.append(self.table_row[seq.seq_id])
-                single_cols.append(begin)
-                single_at.append(start)
-            else:
-                self.tables[seq.seq_id][begin : begin + count] = slots[start : start + count]
-            self._allocated[seq.seq_id] = begin + count
+            row_slots, count = self.row_slots[seq.seq_id], seq.num_scheduled
+            assert len(row_slots) == seq.num_computed, f"{len(row_slots)=} {seq.num_computed=}"
+            fed = slots[start : start + count]
+            self._writes.append((self.table_row[seq.seq_id], len(row_slots), fed))
+            row_slots += fed
             start += count
-        if single_rows:
-            fed = slots if len(single_at) == total else slots[single_at]
-            self.slot_table[single_rows, single_cols] = fed
+        self.write_tables()
         self.num_reserved -= total
         self.num_owned += total
         self.peak_active_tokens = max(self.peak_active_tokens, self.num_active_tokens)
-        return slots
+        return torch.tensor(slots, dtype=torch.int64)
+
+    def write_tables(self) -> None:
+        """Store every table change since the last call in the slot table, in one indexed store."""
+        if not self._writes:
+            return
+        lines: list[int] = []
+        columns: list[int] = []
+        values: list[int] = []
+        for line, column, slots in self._writes:
+            lines += [line] * len(slots)
+            columns += range(column, column + len(slots))
+            values += slots
+        self._writes.clear()
+        self.slot_table[lines, columns] = torch.tensor(values, dtype=torch.int64)
 
     def cache_input(self, seq: Sequence) -> None:
         """Put the row's computed input into the tree and lock it there instead of the old match."""
@@ -128,22 +139,21 @@ class BlockManager:
             self._remember(seq, self._insert(seq, computed))
         elif computed and computed == self._locked_length[seq_id]:
             self._remember(seq, self._locked[seq_id])
-        allocated = self._allocated.pop(seq_id)
-        if allocated > computed:  # a failed step's slots
-            self.pool.free(self.tables[seq_id][computed:allocated])
-            self.num_owned -= allocated - computed
+        row_slots = self.row_slots.pop(seq_id)
+        if len(row_slots) > computed:  # a failed step's slots
+            self.pool.free(row_slots[computed:])
+            self.num_owned -= len(row_slots) - computed
         self.radix.dec_lock_ref(self._locked.pop(seq_id))
-        del self._locked_length[seq_id]
-        self.num_reserved -= seq.max_slots - allocated
+        del self._locked_length[seq_id], self._tree_length[seq_id]
+        self.num_reserved -= seq.max_slots - len(row_slots)
         self._free_rows.append(self.table_row.pop(seq_id))
-        del self.tables[seq_id], self._tree_length[seq_id]
 
     def flush(self) -> None:
         """Drop the whole prefix cache (after a weight update); no row may be running."""
-        assert not self.tables and self.radix.protected_size == 0, f"{len(self.tables)=}"
+        assert not self.row_slots and self.radix.protected_size == 0, f"{len(self.row_slots)=}"
         self.radix.reset()
-        self._stopped.clear()
         self.pool.clear()
+        self._stopped.clear()
 
     @property
     def num_active_tokens(self) -> int:
@@ -152,7 +162,7 @@ class BlockManager:
 
     # Internal helpers
 
-    def _match(self, seq: Sequence) -> tuple[TreeNode, torch.Tensor]:
+    def _match(self, seq: Sequence) -> tuple[TreeNode, tuple[int, ...]]:
         """The longest cached prefix of the row's input: the node it ends at and its slots."""
         if seq.num_input_tokens > 1:
             hit = self._stopped.get(tuple(seq.token_ids[:-1]))
@@ -166,25 +176,26 @@ class BlockManager:
         computed = seq.num_computed
         key = tuple(seq.token_ids[:computed])
         self._stopped.pop(key, None)
-        self._stopped[key] = (node, self.tables[seq.seq_id][:computed].clone())
+        self._stopped[key] = (node, tuple(self.row_slots[seq.seq_id][:computed]))
         if len(self._stopped) > self._max_stopped:
             self._stopped.popitem(last=False)
 
     def _insert(self, seq: Sequence, length: int) -> TreeNode:
         """Insert the row's first `length` tokens; rows owning duplicates free them and use the tree's."""
-        seq_id, table = seq.seq_id, self.tables[seq.seq_id]
+        seq_id, row_slots = seq.seq_id, self.row_slots[seq.seq_id]
         owned_from = self._tree_length[seq_id]
         start, start_length = self._locked[seq_id], self._locked_length[seq_id]
         if start_length != owned_from:  # its input was cached whole (the last token recomputed)
             start, start_length = self.radix.root, 0
         present, node, tree_slots = self.radix.extend(
-            start, seq.token_ids[start_length:length], table[start_length:length]
+            start, seq.token_ids[start_length:length], row_slots[start_length:length]
         )
         present += start_length
         assert present >= owned_from, f"{present=} {owned_from=}: a locked prefix left the tree"
         if present > owned_from:  # another row cached these tokens meanwhile: use the tree's slots
-            self.pool.free(table[owned_from:present])
-            table[owned_from:present] = tree_slots[owned_from - start_length :]
+            self.pool.free(row_slots[owned_from:present])
+            row_slots[owned_from:present] = tree_slots[owned_from - start_length :]
+            self._writes.append((self.table_row[seq_id], owned_from, row_slots[owned_from:present]))
         self.num_owned -= length - owned_from
         self._tree_length[seq_id] = length
         return node

@@ -11,6 +11,7 @@ On CPU the pages of `torch.empty` are only committed as slots get written.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -55,33 +56,27 @@ class KVPool:
 
     def clear(self) -> None:
         """Every slot free again (the caller resets the radix tree at the same time)."""
-        self._free = torch.arange(1, self.capacity + 1, dtype=torch.int64)
-        self._returned: list[torch.Tensor] = []  # freed since the last refill (joined lazily: frees are
-        self._num_returned = 0  # many and small, one per finished request)
+        self._free = list(range(self.capacity, 0, -1))  # a stack of slot numbers (plain ints: see alloc)
 
     @property
     def num_free(self) -> int:
-        return int(self._free.numel()) + self._num_returned
+        return len(self._free)
 
     @property
     def num_used(self) -> int:
         return self.capacity - self.num_free
 
-    def alloc(self, n: int) -> torch.Tensor | None:
-        """`n` free slots (int64, CPU), or None when fewer are free (evict first)."""
-        if n > self.num_free:
+    def alloc(self, n: int) -> list[int] | None:
+        """`n` free slots, or None when fewer are free (evict first). Plain ints: slots are allocated and
+        freed per request, where a tensor op would cost a GIL hand-over (see block_manager)."""
+        if n > len(self._free):
             return None
-        if n > self._free.numel():
-            self._free = torch.cat([self._free, *self._returned])
-            self._returned.clear()
-            self._num_returned = 0
-        slots, self._free = self._free[:n], self._free[n:]
+        slots = self._free[len(self._free) - n :]
+        del self._free[len(self._free) - n :]
         return slots
 
-    def free(self, slots: torch.Tensor) -> None:
-        if slots.numel():  # a copy: callers free views of slot tables they reuse
-            self._returned.append(slots.to(device="cpu", dtype=torch.int64, copy=True))
-            self._num_returned += int(slots.numel())
+    def free(self, slots: Iterable[int]) -> None:
+        self._free.extend(slots)
 
     def write(self, layer: int, slots: torch.Tensor, kv: torch.Tensor) -> None:
         """Store one layer's KV of every token of a step at once; kv: (n, 2, num_kv_heads, head_dim)."""

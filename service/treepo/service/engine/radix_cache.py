@@ -1,6 +1,7 @@
 """A radix tree over token ids whose nodes own KV-cache slots: the prefix cache of the embedded engine.
 
-Each edge holds a run of token ids (`key`) and the KV-pool slot of each of those tokens (`value`, int64).
+Each edge holds a run of token ids (`key`) and the KV-pool slot of each of those tokens (`value`), both
+tuples of ints (plain Python: a request's walk, insert and eviction run no tensor op).
 A path root -> node spells a cached token sequence; its KV lives in the concatenated slots. Nodes in use by
 a running batch are locked (`inc_lock_ref` locks the whole path to the root) and never evicted; unlocked
 leaves are evicted least recently used first, and their slots handed to `on_evict` (the pool's free list).
@@ -16,11 +17,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import torch
-
 logger = logging.getLogger(__name__)
-
-_EMPTY = torch.empty(0, dtype=torch.int64)
 
 
 class TreeNode:
@@ -29,12 +26,12 @@ class TreeNode:
     __slots__ = ("children", "key", "last_access", "lock_ref", "parent", "value")
 
     def __init__(
-        self, key: tuple[int, ...] = (), value: torch.Tensor = _EMPTY, parent: TreeNode | None = None
+        self, key: tuple[int, ...] = (), value: tuple[int, ...] = (), parent: TreeNode | None = None
     ):
         self.children: dict[int, TreeNode] = {}  # first token of the child's key -> child
         self.parent = parent
         self.key = key
-        self.value = value  # (len(key),) int64 KV slots
+        self.value = value  # the KV slot of each token of key
         self.lock_ref = 0
         self.last_access = 0
 
@@ -50,18 +47,18 @@ class TreeNode:
 class MatchResult:
     """The longest cached prefix of a key: its KV slots and the node where it ends (lock it while in use)."""
 
-    indices: torch.Tensor  # (length,) int64 KV slots of the matched prefix
+    indices: tuple[int, ...]  # KV slots of the matched prefix
     last_node: TreeNode
 
     @property
     def length(self) -> int:
-        return int(self.indices.numel())
+        return len(self.indices)
 
 
 class RadixCache:
     """Token-id radix tree with reference-counted nodes and LRU eviction (SGLang's vocabulary)."""
 
-    def __init__(self, on_evict: Callable[[torch.Tensor], None] | None = None) -> None:
+    def __init__(self, on_evict: Callable[[tuple[int, ...]], None] | None = None) -> None:
         self.on_evict = on_evict or (lambda slots: None)
         self._clock = itertools.count(1)
         self._tiebreak = itertools.count()
@@ -84,30 +81,30 @@ class RadixCache:
         node, _, pieces = self._walk(self.root, tuple(key), now)
         return MatchResult(indices=_join(pieces), last_node=node)
 
-    def insert(self, key: Sequence[int], value: torch.Tensor) -> int:
+    def insert(self, key: Sequence[int], value: Sequence[int]) -> int:
         """Cache `key` with KV slots `value`; returns how many leading tokens were already cached.
 
         The slots `value[:returned]` are not taken by the tree: the caller still owns (and frees) them.
         """
         return self.insert_node(key, value)[0]
 
-    def insert_node(self, key: Sequence[int], value: torch.Tensor) -> tuple[int, TreeNode]:
+    def insert_node(self, key: Sequence[int], value: Sequence[int]) -> tuple[int, TreeNode]:
         """`insert`, also returning the node `key` ends at (lock it to keep the key cached)."""
         present, node, _ = self.extend(self.root, key, value)
         return present, node
 
     def extend(
-        self, node: TreeNode, key: Sequence[int], value: torch.Tensor
-    ) -> tuple[int, TreeNode, torch.Tensor]:
+        self, node: TreeNode, key: Sequence[int], value: Sequence[int]
+    ) -> tuple[int, TreeNode, tuple[int, ...]]:
         """`insert` of `key` below `node` (a node in the tree spelling the tokens before `key`, e.g. one
         a running row has locked: no walk from the root). Returns how many leading tokens were already
         cached, the node `key` ends at, and the tree's slots of those cached tokens."""
         key = tuple(key)
-        assert value.numel() == len(key), f"{value.numel()=} {len(key)=}"
+        assert len(value) == len(key), f"{len(value)=} {len(key)=}"
         now = next(self._clock)
         node, pos, pieces = self._walk(node, key, now)
         if pos < len(key):
-            leaf = TreeNode(key[pos:], value[pos:].clone(), parent=node)
+            leaf = TreeNode(key[pos:], tuple(value[pos:]), parent=node)
             leaf.last_access = now
             node.children[key[pos]] = leaf
             self._evictable += len(leaf.key)
@@ -183,7 +180,7 @@ class RadixCache:
 
     def _walk(
         self, node: TreeNode, key: tuple[int, ...], now: int
-    ) -> tuple[TreeNode, int, list[torch.Tensor]]:
+    ) -> tuple[TreeNode, int, list[tuple[int, ...]]]:
         """Follow `key` down from `node` as far as it is cached, splitting the last edge where the key leaves
         it; returns the node reached, the tokens matched and the slots of each edge passed."""
         pos, pieces = 0, []
@@ -224,11 +221,11 @@ class RadixCache:
             heapq.heapify(self._heap)
 
 
-def _join(pieces: list[torch.Tensor]) -> torch.Tensor:
-    """The slots of consecutive edges as one tensor (read-only: one edge is returned as is)."""
+def _join(pieces: list[tuple[int, ...]]) -> tuple[int, ...]:
+    """The slots of consecutive edges as one tuple."""
     if len(pieces) > 1:
-        return torch.cat(pieces)
-    return pieces[0] if pieces else _EMPTY
+        return tuple(itertools.chain.from_iterable(pieces))
+    return pieces[0] if pieces else ()
 
 
 def _shared_length(edge: tuple[int, ...], key: tuple[int, ...], start: int) -> int:
