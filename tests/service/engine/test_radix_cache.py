@@ -42,9 +42,7 @@ class TestRadixCache:
         next_slot = 1
         for key in inserted:
             present = cache.match_prefix(key).length
-            cache.insert(
-                key, cache.match_prefix(key).indices + slots(next_slot, len(key) - present)
-            )
+            cache.insert(key, cache.match_prefix(key).indices + slots(next_slot, len(key) - present))
             next_slot += len(key) - present
         match = cache.match_prefix(query)
         assert match.length == expected_length

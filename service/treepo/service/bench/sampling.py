@@ -163,6 +163,7 @@ class _Bench:
         """An engine with `rows` running rows and KV room for all of them at their longest (or `sglang`)."""
         from transformers import AutoTokenizer
 
+        from treepo.service.codec import decoder
         from treepo.service.engine.embedded import EmbeddedEngine
         from treepo.service.task import generate_problems
 
@@ -177,10 +178,7 @@ class _Bench:
             engine = EmbeddedEngine(model_path, device=device, max_kv_tokens=tokens, max_running_rows=rows)
             kv_bytes = engine.pool.shape.bytes_per_token
 
-        def decode(ids: list[int]) -> str:
-            return tokenizer.decode(ids, skip_special_tokens=True)
-
-        return cls(engine, decode, prompt_ids, width, kv_bytes)
+        return cls(engine, decoder(tokenizer, skip_special_tokens=True), prompt_ids, width, kv_bytes)
 
     async def run(self, depth: int, segment: int, mode: str, num_prompts: int | None = None) -> RunStats:
         schedule = "async" if mode == "async" else "sync"

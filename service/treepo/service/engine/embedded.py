@@ -95,6 +95,7 @@ class EmbeddedEngine:
         self._version = 0
         self._inbox: deque[tuple[str, Any]] = deque()  # commands to the worker, appended from any thread
         self._wake = threading.Event()
+        self._wake_due: set[asyncio.AbstractEventLoop] = set()  # loops with a wake-up scheduled
         self._update: tuple[str, int, Callable[[Any], None]] | None = None  # waits for running rows to end
         sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))  # process-wide
         # Full garbage collections scan every live object, and the model, torch and transformers are ~380k
@@ -127,12 +128,18 @@ class EmbeddedEngine:
         future = loop.create_future()
         row = self._row(request, _LoopDelivery(loop, future))
         self._inbox.append(("add", row))
-        loop.call_soon(self._wake.set)  # after the other tasks of this tick: their requests join together
+        if loop not in self._wake_due:  # one wake-up per tick, after its other tasks: their requests join
+            self._wake_due.add(loop)
+            loop.call_soon(self._wake_after_tick, loop)
         try:
             return await future
         except asyncio.CancelledError:
             self._post("abort", row.seq_id)
             raise
+
+    def _wake_after_tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._wake_due.discard(loop)  # before the wake-up: a request posted after it schedules its own
+        self._wake.set()
 
     async def update_weights(self, path: str, version: int) -> None:
         """Load weights once the running rows finish (new rows wait), then flush the prefix cache."""
