@@ -106,6 +106,6 @@ def test_a_row_released_before_its_first_step_leaves_true_slots(blocks):
     child = new_row(parent.token_ids)
     assert blocks.try_admit(child)
     blocks.release(child)  # aborted at once: its prefix fill was still pending
-    node, slots = blocks._stopped[tuple(parent.token_ids[:-1])]
+    _node, slots = blocks._stopped[tuple(parent.token_ids[:-1])]
     assert list(slots) == expected
     assert blocks.radix.protected_size == 0
