@@ -24,6 +24,7 @@ from collections import OrderedDict
 
 import torch
 
+from treepo.service.engine.host_tensors import int64_tensor
 from treepo.service.engine.kv_pool import KVPool, KVShape
 from treepo.service.engine.radix_cache import RadixCache, TreeNode
 from treepo.service.engine.sequence import Sequence
@@ -106,21 +107,21 @@ class BlockManager:
         self.num_reserved -= total
         self.num_owned += total
         self.peak_active_tokens = max(self.peak_active_tokens, self.num_active_tokens)
-        return torch.tensor(slots, dtype=torch.int64)
+        return int64_tensor(slots)
 
     def write_tables(self) -> None:
         """Store every table change since the last call in the slot table, in one indexed store."""
         if not self._writes:
             return
-        lines: list[int] = []
-        columns: list[int] = []
+        width = self.slot_table.shape[1]
+        flat: list[int] = []  # positions in the flattened table
         values: list[int] = []
         for line, column, slots in self._writes:
-            lines += [line] * len(slots)
-            columns += range(column, column + len(slots))
+            start = line * width + column
+            flat += range(start, start + len(slots))
             values += slots
         self._writes.clear()
-        self.slot_table[lines, columns] = torch.tensor(values, dtype=torch.int64)
+        self.slot_table.view(-1).index_copy_(0, int64_tensor(flat), int64_tensor(values))
 
     def cache_input(self, seq: Sequence) -> None:
         """Put the row's computed input into the tree and lock it there instead of the old match."""

@@ -28,6 +28,7 @@ import torch
 
 from treepo.service.engine.block_manager import BlockManager
 from treepo.service.engine.forward_batch import build_batch
+from treepo.service.engine.host_tensors import int64_tensor
 from treepo.service.engine.model_runner import ModelRunner, kv_shape
 from treepo.service.engine.protocol import EngineError, EngineRequestError, GenerateOutput, GenerateRequest
 from treepo.service.engine.scheduler import Scheduler, SchedulerConfig
@@ -266,7 +267,7 @@ class EmbeddedEngine:
         sampling = [row for row in rows if row.num_computed + row.num_scheduled == len(row.token_ids)]
         if not sampling:
             return {}
-        counters = torch.tensor([len(row.token_ids) - row.num_input_tokens for row in sampling])
+        counters = int64_tensor([len(row.token_ids) - row.num_input_tokens for row in sampling])
         tokens, logprobs = sample_next(logits, self._sampling_batch(sampling), counters)
         pairs = zip(tokens.tolist(), logprobs.tolist(), strict=True)
         return {row.seq_id: pair for row, pair in zip(sampling, pairs, strict=True)}

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from treepo.service.engine.host_tensors import int64_tensor
 from treepo.service.engine.sequence import Sequence
 
 
@@ -79,10 +80,10 @@ def build_batch(
     if chunks:
         groups.append(_chunk_group(chunks, slot_table, dtype=dtype, device=device))
     return ForwardBatch(
-        input_ids=torch.tensor(ids, dtype=torch.int64).to(device),
-        positions=torch.tensor(positions, dtype=torch.int64).to(device),
+        input_ids=int64_tensor(ids).to(device),
+        positions=int64_tensor(positions).to(device),
         write_slots=write_slots.to(device),
-        logits_index=torch.tensor(logits, dtype=torch.int64).to(device),
+        logits_index=int64_tensor(logits).to(device),
         max_position=max(positions),
         groups=groups,
     )
@@ -140,12 +141,12 @@ def _length_cuts(ascending: list[int]) -> list[int]:
 
 def _single_group(table_rows, positions, flat, slot_table, *, is_whole, dtype, device) -> AttentionGroup:
     num_keys = max(positions) + 1
-    key_slots = slot_table[:, :num_keys].index_select(0, torch.tensor(table_rows))  # (B, K)
-    query_pos = torch.tensor(positions)[:, None, None, None]  # (B, 1, 1, 1)
+    key_slots = slot_table[:, :num_keys].index_select(0, int64_tensor(table_rows))  # (B, K)
+    query_pos = int64_tensor(positions)[:, None, None, None]  # (B, 1, 1, 1)
     return AttentionGroup(
         key_slots=key_slots.to(device),
         mask=_mask(query_pos, num_keys, dtype).to(device),  # (B, 1, 1, K)
-        flat_index=None if is_whole else torch.tensor(flat).to(device),
+        flat_index=None if is_whole else int64_tensor(flat).to(device),
     )
 
 
@@ -164,7 +165,7 @@ def _chunk_group(chunks, slot_table, *, dtype, device) -> AttentionGroup:
     return AttentionGroup(
         key_slots=key_slots.to(device),
         mask=_mask(torch.tensor(query_pos)[:, None, :, None], num_keys, dtype).to(device),  # (B, 1, Q, K)
-        flat_index=torch.tensor(flat).to(device),
+        flat_index=int64_tensor(flat).to(device),
         token_index=token_index_t.to(device),
         token_valid=valid.to(device),
     )

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from treepo.service.engine.host_tensors import float32_tensor, int64_tensor
+
 
 def _signed(value: int) -> int:
     """A 64-bit constant as the int64 with the same bits."""
@@ -68,10 +70,10 @@ class SamplingBatch:
     ) -> SamplingBatch:
         top_ks = [k if k >= 1 else vocab_size for k in top_ks]
         return cls(
-            temperature=torch.tensor(temperatures, dtype=torch.float32, device=device),
-            top_p=torch.tensor(top_ps, dtype=torch.float32, device=device),
-            top_k=torch.tensor(top_ks, dtype=torch.int64, device=device),
-            seeds=torch.tensor([_signed(seed % 2**64) for seed in seeds], dtype=torch.int64, device=device),
+            temperature=float32_tensor(temperatures).to(device),
+            top_p=float32_tensor(top_ps).to(device),
+            top_k=int64_tensor(top_ks).to(device),
+            seeds=int64_tensor([_signed(seed % 2**64) for seed in seeds]).to(device),
             is_all_greedy=all(t == 0 for t in temperatures),
             is_filtered=any(k < vocab_size for k in top_ks) or any(p < 1 for p in top_ps),
         )
