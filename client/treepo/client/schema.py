@@ -219,15 +219,17 @@ class Node(BaseModel):
     @field_validator("logprobs", mode="before")
     @classmethod
     def _finite(cls, value: Any) -> Any:
-        """-inf/NaN (or null from an older writer) -> LOGPROB_FLOOR: the tree always serialises and parses."""
-        if not isinstance(value, list):
-            return value
-        try:  # the common case, checked in C: finite numbers above the floor pass as they are
-            if math.isfinite(sum(value)) and (not value or min(value) >= LOGPROB_FLOOR):
-                return value
-        except TypeError:  # a null inside
-            pass
-        return [_floored(v) for v in value]
+        return floor_logprobs(value) if isinstance(value, list) else value
+
+
+def floor_logprobs(values: list) -> list:
+    """-inf/NaN (or null from an older writer) -> LOGPROB_FLOOR: the tree always serialises and parses."""
+    try:  # the common case, checked in C: finite numbers above the floor pass as they are
+        if math.isfinite(sum(values)) and (not values or min(values) >= LOGPROB_FLOOR):
+            return values
+    except TypeError:  # a null inside
+        pass
+    return [_floored(v) for v in values]
 
 
 def _floored(value: Any) -> Any:

@@ -86,7 +86,7 @@ def test_reopen_copies_min_b_remaining_per_candidate() -> None:
     paths = reopen(builder, params, random.Random(0))
     assert len(paths) == 3  # one candidate: min(b=3, remaining=3)
     assert len({p.node_id for p in paths}) == 1
-    assert builder.stats.num_fallbacks == 1
+    assert builder.counts.num_fallbacks == 1
 
 
 def test_reopen_without_candidates_samples_fresh_from_the_prompt() -> None:
@@ -96,4 +96,4 @@ def test_reopen_without_candidates_samples_fresh_from_the_prompt() -> None:
     paths = reopen(builder, params, random.Random(0))
     assert [(p.node_id, p.response_ids) for p in paths] == [(None, [])] * 2
     anyone = reopen(builder, params.model_copy(update={"fallback_candidates": "any"}), random.Random(0))
-    assert len(anyone) == 2 and builder.stats.num_fallbacks == 2
+    assert len(anyone) == 2 and builder.counts.num_fallbacks == 2

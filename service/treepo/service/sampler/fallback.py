@@ -56,7 +56,7 @@ def reopen(builder: TreeBuilder, tree: TreeParams, rng: random.Random) -> list[P
     remaining = tree.width - builder.num_leaves
     if tree.fallback == "none" or remaining <= 0:
         return []
-    builder.stats.num_fallbacks += 1
+    builder.counts.num_fallbacks += 1
     window = tree.fallback_window or tree.segment_tokens
     # leaf positions, not ids: a split earlier in this round may rename a leaf (its tail takes a new id)
     candidates = [

@@ -104,7 +104,7 @@ class TreeSampler:
         policy_version = self.engine.policy_version
         builder = TreeBuilder(list(prompt_ids), setup.rules, self.decode, priority=next(_start_order))
         await run(builder, setup.base_seed)
-        logger.debug("tree %s: %s", tree_id, builder.stats)
+        logger.debug("tree %s: %s", tree_id, builder.counts)
         return builder.to_tree(
             tree_id=tree_id or uuid.uuid4().hex,
             prompt_id=prompt_id,
