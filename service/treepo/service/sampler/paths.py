@@ -41,6 +41,9 @@ def make_request(
     )
 
 
+Outcome = tuple[list[int], list[float], str, FinishReason | None]  # a segment: tokens, logprobs, text, reason
+
+
 @dataclass(slots=True)
 class NodeRecord:
     id: str
@@ -102,9 +105,12 @@ class TreeBuilder:
     def num_leaves(self) -> int:
         return len(self.leaves)
 
-    def grow(self, path: Path, label: str, output: GenerateOutput) -> tuple[Path, FinishReason | None]:
-        """Add the node `label` under `path` from an engine output; return the new path, its reason."""
-        tokens, logprobs, text, reason = self.outcome(path, output)
+    def grow(
+        self, path: Path, label: str, output: GenerateOutput, outcome: Outcome | None = None
+    ) -> tuple[Path, FinishReason | None]:
+        """Add the node `label` under `path` from an engine output (and its `outcome`, if already known);
+        return the new path and its finish reason."""
+        tokens, logprobs, text, reason = outcome or self.outcome(path, output)
         depth = path.depth + 1
         self._add(NodeRecord(label, path.node_id, depth, tokens, logprobs, text, output.policy_version))
         self.counts.add(len(tokens), output)
@@ -120,9 +126,7 @@ class TreeBuilder:
             self.leaves.append(label)
         return child, reason
 
-    def outcome(
-        self, path: Path, output: GenerateOutput
-    ) -> tuple[list[int], list[float], str, FinishReason | None]:
+    def outcome(self, path: Path, output: GenerateOutput) -> Outcome:
         """The segment `output` adds to `path` (clipped), its text and its finish reason (None: it lives on)."""
         tokens, logprobs = self.clip(path, output)
         text = self.decode(tokens)

@@ -23,7 +23,7 @@ from treepo.client.schema import SamplingParams, TreeParams
 from treepo.service.engine.protocol import Engine, GenerateOutput, GenerateRequest
 from treepo.service.sampler.budget import split_budget, step_budget
 from treepo.service.sampler.fallback import reopen
-from treepo.service.sampler.paths import Path, TreeBuilder, make_request
+from treepo.service.sampler.paths import Outcome, Path, TreeBuilder, make_request
 
 Lineage = tuple[
     int, ...
@@ -59,6 +59,7 @@ class TreeRun:
         self.head_start = tree.schedule == "async"
         self.level = 0
         self._tasks: dict[Lineage, asyncio.Task[GenerateOutput]] = {}  # requests in flight, by lineage
+        self._outcomes: dict[Lineage, Outcome] = {}  # segments classified early (async head starts)
 
     async def run(self) -> None:
         members = [_Member(path, (0, i)) for i, path in enumerate(self._initial_paths())]
@@ -97,7 +98,8 @@ class TreeRun:
         return outputs
 
     def _submit_first_child(self, member: _Member, output: GenerateOutput) -> None:
-        tokens, _, _, reason = self.builder.outcome(member.path, output)
+        outcome = self._outcomes[member.lineage] = self.builder.outcome(member.path, output)
+        tokens, _, _, reason = outcome
         if reason is None:  # the same classification `grow` makes when the level is complete
             child = Path(None, member.path.depth + 1, member.path.response_ids + tokens)
             self._submit(child, (*member.lineage, 0))
@@ -120,7 +122,10 @@ class TreeRun:
         members = sorted(members, key=lambda m: m.lineage)
         survivors: list[_Member] = []
         for k, member in enumerate(members):
-            child, reason = self.builder.grow(member.path, f"{self.level}-{k}", outputs[member.lineage])
+            outcome = self._outcomes.pop(member.lineage, None)
+            child, reason = self.builder.grow(
+                member.path, f"{self.level}-{k}", outputs[member.lineage], outcome
+            )
             if reason is None:
                 survivors.append(_Member(child, member.lineage))
         if survivors:
