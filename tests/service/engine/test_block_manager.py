@@ -93,9 +93,11 @@ def test_flush_forgets_the_stopped_rows(blocks):
 
 
 def test_the_index_is_bounded(blocks):
-    for first in range(40):
+    for first in range(100):
         run_row(blocks, new_row([first, 1]), [2])
-    assert len(blocks._stopped) == blocks._max_stopped == 16
+    # each row computed 2 tokens: the index keeps the newest rows within 2 tokens per KV slot (64 slots)
+    assert blocks._stopped_tokens == sum(len(key) for key in blocks._stopped) <= 2 * 64
+    assert len(blocks._stopped) == 64 and (99, 1) in blocks._stopped and (0, 1) not in blocks._stopped
 
 
 def test_a_row_released_before_its_first_step_leaves_true_slots(blocks):

@@ -31,7 +31,7 @@ from treepo.service.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
-STOPPED_ROWS_PER_ROW = 4  # stopped rows remembered per running-row slot (a tree level waits for its slowest)
+STOPPED_TOKENS_PER_SLOT = 2  # the stopped-row index holds up to this many tokens per KV slot of the budget
 
 
 class BlockManager:
@@ -58,7 +58,8 @@ class BlockManager:
         self._tree_length: dict[int, int] = {}  # seq_id -> leading table entries owned by the tree
         # tokens of a recently stopped row -> the tree node they end at and their slots (oldest first)
         self._stopped: OrderedDict[tuple[int, ...], tuple[TreeNode, tuple[int, ...]]] = OrderedDict()
-        self._max_stopped = STOPPED_ROWS_PER_ROW * max_rows
+        self._stopped_tokens = 0  # tokens over the index's entries (each entry: its tokens and its slots)
+        self._max_stopped_tokens = STOPPED_TOKENS_PER_SLOT * capacity  # memory bounded by the KV budget
         self._writes: list[tuple[int, int, list[int] | tuple[int, ...]]] = []  # (line, column, slots) due
         self.num_reserved = 0  # slots promised to running rows and not allocated yet
         self.num_owned = 0  # slots held by running rows outside the tree
@@ -155,6 +156,7 @@ class BlockManager:
         self.radix.reset()
         self.pool.clear()
         self._stopped.clear()
+        self._stopped_tokens = 0
 
     @property
     def num_active_tokens(self) -> int:
@@ -176,10 +178,12 @@ class BlockManager:
         """Index a stopping row's computed tokens (all in the tree now) for a request continuing it."""
         computed = seq.num_computed
         key = tuple(seq.token_ids[:computed])
-        self._stopped.pop(key, None)
+        if self._stopped.pop(key, None) is not None:
+            self._stopped_tokens -= computed
         self._stopped[key] = (node, tuple(self.row_slots[seq.seq_id][:computed]))
-        if len(self._stopped) > self._max_stopped:
-            self._stopped.popitem(last=False)
+        self._stopped_tokens += computed
+        while self._stopped_tokens > self._max_stopped_tokens:  # oldest first
+            self._stopped_tokens -= len(self._stopped.popitem(last=False)[0])
 
     def _insert(self, seq: Sequence, length: int) -> TreeNode:
         """Insert the row's first `length` tokens; rows owning duplicates free them and use the tree's."""
