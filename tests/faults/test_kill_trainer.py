@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from tiny_models import byte_model  # tests/ is on sys.path (pytest rootdir imports)
 
 from treepo.client.constants import trained_ledger, trees_stream
 
@@ -143,17 +144,7 @@ class Trainer:
 @pytest.fixture
 def model(tmp_path_factory) -> Path:
     """A tiny random Qwen2 over the scripted service's byte vocabulary."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    path = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=0,
-    )  # fmt: skip
-    Qwen2ForCausalLM(config).save_pretrained(path)
-    return path
+    return byte_model(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 import redis
 import torch
 from test_trainer import binary_tree  # tests/trainer is on sys.path (pytest rootdir imports)
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from tiny_models import byte_model  # tests/ too
 
 from treepo.client.constants import trained_ledger, trees_stream
 from treepo.service.app import create_app
@@ -26,17 +26,6 @@ from treepo.trainer.trainer import Trainer, rows_from_tree
 def coin_reward(response_text: str, metadata: dict) -> float:
     """A deterministic +-1 reward for the scripted engine's random text (so groups are mixed)."""
     return 1.0 if zlib.crc32(response_text.encode()) % 2 else -1.0
-
-
-def byte_model(path: Path) -> Path:
-    """A tiny random Qwen2 over the scripted service's byte vocabulary (257 ids)."""
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=0,
-    )  # fmt: skip
-    Qwen2ForCausalLM(config).save_pretrained(path)
-    return path
 
 
 def test_resume_restores_step_optimizer_and_schedule(tmp_path: Path) -> None:
