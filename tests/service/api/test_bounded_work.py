@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 import pytest
-from api_helpers import Service, factory_of
+from api_helpers import SMALL_TREE, Service, factory_of
 
 from treepo.service.engine.scripted import ScriptedEngine
 from treepo.service.factory import printable_script
@@ -38,6 +38,37 @@ class HungHealthEngine(ScriptedEngine):
     async def health(self) -> bool:
         await asyncio.Event().wait()  # never answers
         return True
+
+
+class WorkersEngine(ScriptedEngine):
+    """An engine over workers (as SGLang's): healthy while one serves, `unhealthy_workers` the others."""
+
+    def __init__(self, down: list[str], healthy: bool) -> None:
+        super().__init__()
+        self.unhealthy_workers, self._healthy = down, healthy
+
+    async def health(self) -> bool:
+        return self._healthy
+
+
+@pytest.mark.parametrize(
+    ("down", "healthy", "status", "engine"),
+    [
+        ([], True, 200, "ready"),
+        (["http://w1"], True, 200, "degraded"),
+        (["http://w0", "http://w1"], False, 503, "unhealthy"),
+    ],
+)
+def test_readyz_stays_ready_while_some_workers_are_down(make_service, down, healthy, status, engine) -> None:
+    service = make_service(engine_factory=factory_of(lambda: WorkersEngine(down, healthy)), wait=False)
+    with service.client() as http:
+        while (ready := http.get("/readyz")).json()["engine"] == "loading":
+            time.sleep(0.05)
+        if status == 200:  # the service still answers trees meanwhile
+            body = {"prompts": [{"text": "2"}], "tree": SMALL_TREE}
+            assert http.post("/rollout_tree", json=body).status_code == 200
+    assert ready.status_code == status and ready.json()["engine"] == engine
+    assert ready.json()["workers_down"] == down
 
 
 def _gauge(service: Service, name: str) -> float:

@@ -229,7 +229,7 @@ class SGLangEngine:
         self.admin.catch_up = catch_up
 
     async def health(self) -> bool:
-        """Every worker serves the current weights (see WorkerAdmin.health); a router answers /health."""
+        """A worker serves the current weights (see WorkerAdmin.health) and every router answers /health."""
         routers = [url for url in self.base_urls if url not in self.admin_urls]
         checks = await asyncio.gather(
             self.admin.health(),

@@ -108,7 +108,10 @@ class WorkerAdmin:
             self.version, self.weights = version, model_dir
 
     async def health(self) -> bool:
-        """Every worker answers and serves the current version (a restarted one is re-pushed meanwhile).
+        """At least one worker answers and serves the current version; `unhealthy` lists the others (a
+        restarted one is re-pushed meanwhile). Requests fail over to the healthy workers, and every replica
+        shares every worker: requiring all of them would take every replica out of its load balancer
+        when one worker dies, while the others can still answer.
 
         While an update loads weights the answer stays True: the workers are busy, not down (the update
         reports its own failures), so readiness does not flap with every push.
@@ -117,7 +120,7 @@ class WorkerAdmin:
             return True
         checks = await asyncio.gather(*(self._healthy(url) for url in self.urls), return_exceptions=True)
         self.unhealthy = [url for url, check in zip(self.urls, checks, strict=True) if check is not True]
-        return not self.unhealthy
+        return not self.urls or len(self.unhealthy) < len(self.urls)
 
     async def resync(self, url: str | None) -> None:
         """Bring `url` (None: every worker) back to the current version before it is used again."""

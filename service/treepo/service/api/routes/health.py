@@ -31,16 +31,23 @@ async def readyz(request: Request, runtime: RuntimeDep, queue: QueueDep) -> JSON
     engine_ok = runtime.state == "ready" and await _engine_health(runtime)
     redis_ok = await queue.ping()
     fleet_error = request.app.state.fleet.error
+    workers_down = runtime.workers_down
+    if runtime.state != "ready":
+        engine = runtime.state
+    elif not engine_ok:
+        engine = "unhealthy"
+    else:  # ready; "degraded" while some workers are down (their requests run on the others)
+        engine = "degraded" if workers_down else "ready"
     body = {
-        "engine": runtime.state if runtime.state != "ready" or engine_ok else "unhealthy",
+        "engine": engine,
         "engine_error": redact_paths(runtime.error) if runtime.error else None,
         "redis": "ok" if redis_ok else "unreachable",
         "policy_version": runtime.weights.policy_version,
         "swapping_weights": runtime.gate.is_swapping,
         "fleet": redact_paths(fleet_error) if fleet_error else "ok",
     }
-    if runtime.workers_down is not None:  # trees still run on the others (requests fail over)
-        body["workers_down"] = runtime.workers_down
+    if workers_down is not None:
+        body["workers_down"] = workers_down
     ready = engine_ok and redis_ok and fleet_error is None
     headers = None if ready else {"Retry-After": str(runtime.settings.retry_after_s)}
     return JSONResponse({"ready": ready, **body}, status_code=200 if ready else 503, headers=headers)
