@@ -313,7 +313,9 @@ class EmbeddedEngine:
         return Row(
             token_ids=list(request.input_ids),
             max_new_tokens=request.max_new_tokens,
-            stop_token_ids=self._eos_set.union(request.stop_token_ids),
+            stop_token_ids=self._eos_set.union(request.stop_token_ids)
+            if request.stop_token_ids
+            else self._eos_set,
             temperature=request.temperature,
             top_p=request.top_p,
             top_k=request.top_k,
