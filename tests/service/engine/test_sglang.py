@@ -7,6 +7,7 @@ import random
 import socket
 from pathlib import Path
 
+import httpx
 import pytest
 from sglang_standin import ModelTokens, StandinState, script_tokens, serve
 
@@ -475,6 +476,32 @@ async def test_an_unreachable_worker_fails_over_to_the_others() -> None:
         assert await engine.health() is False and len(engine.unhealthy_workers) == 2
         with pytest.raises(EngineUnavailable, match="unreachable"):
             await engine.generate(GenerateRequest([1], 2))
+
+
+async def test_a_connection_lost_inside_the_transport_fails_over() -> None:
+    """A worker killed mid-request can make anyio/httpcore fail reading the closed socket's address
+    (AttributeError, seen once in the real-SGLang fleet test): that is the worker gone, not a bug."""
+    state = scripted_state()
+    with serve(state, port()) as url:
+        async with engine_for([f"http://127.0.0.1:{port()}", url], prefill_first=False) as engine:
+            broken = engine.base_urls[0]
+
+            def lost(request: httpx.Request) -> httpx.Response:
+                raise AttributeError("'NoneType' object has no attribute 'getpeername'")
+
+            real = httpx.AsyncClient(timeout=30)
+            mocked = httpx.AsyncClient(transport=httpx.MockTransport(lost))
+
+            async def send(request: httpx.Request, **kwargs) -> httpx.Response:
+                client = mocked if str(request.url).startswith(broken) else real
+                return await client.send(request, **kwargs)
+
+            engine._client = httpx.AsyncClient()
+            engine._client.send = send  # type: ignore[method-assign]
+            output = await engine.generate(GenerateRequest([1, 2], 3, seed=1))
+            await real.aclose()
+            await mocked.aclose()
+    assert output.extra["worker"] == url and len(output.output_ids) == 3
 
 
 async def test_a_version_pushed_by_another_replica_is_adopted_not_reverted() -> None:

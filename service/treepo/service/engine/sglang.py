@@ -417,3 +417,6 @@ class SGLangEngine:
                 return await self._client.send(request)  # once more, on a fresh connection
         except httpx.TransportError as exc:
             raise EngineUnavailable(f"SGLang worker {url} unreachable: {type(exc).__name__}: {exc}") from exc
+        except AttributeError as exc:  # a socket closed under the transport (a worker killed mid-request):
+            # anyio/httpcore can then fail reading the socket's address instead of raising a TransportError
+            raise EngineUnavailable(f"SGLang worker {url} unreachable: connection lost ({exc})") from exc
