@@ -486,7 +486,10 @@ async def test_a_connection_lost_inside_the_transport_fails_over() -> None:
         async with engine_for([f"http://127.0.0.1:{port()}", url], prefill_first=False) as engine:
             broken = engine.base_urls[0]
 
+            hits = []
+
             def lost(request: httpx.Request) -> httpx.Response:
+                hits.append(request)
                 raise AttributeError("'NoneType' object has no attribute 'getpeername'")
 
             real = httpx.AsyncClient(timeout=30)
@@ -498,10 +501,11 @@ async def test_a_connection_lost_inside_the_transport_fails_over() -> None:
 
             engine._client = httpx.AsyncClient()
             engine._client.send = send  # type: ignore[method-assign]
-            output = await engine.generate(GenerateRequest([1, 2], 3, seed=1))
+            outputs = await generate_all(engine, [GenerateRequest([p, p + 1], 3) for p in range(1, 13)])
             await real.aclose()
             await mocked.aclose()
-    assert output.extra["worker"] == url and len(output.output_ids) == 3
+    assert hits, "no request was routed to the broken worker: use more requests"
+    assert {o.extra["worker"] for o in outputs} == {url} and all(len(o.output_ids) == 3 for o in outputs)
 
 
 async def test_a_version_pushed_by_another_replica_is_adopted_not_reverted() -> None:
