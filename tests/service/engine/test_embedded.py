@@ -169,6 +169,33 @@ async def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_model_
     assert len({tuple(o.output_ids) for o in others + alone}) > 1  # seeds matter
 
 
+async def test_a_multi_segment_request_decodes_what_one_request_per_segment_does(tiny_model_path):
+    """Segment j drawn with seed j continuing the tokens before it: the tree's whole-path requests give the
+    tokens (and logprobs) its per-segment requests would."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    engine = EmbeddedEngine(tiny_model_path, eos_token_ids=())
+    try:
+        seeds, size = (101, 202, 303), 4
+        whole = await engine.generate(
+            GenerateRequest(PROMPTS[0], 11, temperature=1.0, segment_seeds=seeds, segment_tokens=size)
+        )
+        engine.flush_cache()
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        for seed in seeds:
+            piece = await engine.generate(
+                GenerateRequest(PROMPTS[0] + tokens, min(size, 11 - len(tokens)), temperature=1.0, seed=seed)
+            )
+            tokens += piece.output_ids
+            logprobs += piece.logprobs
+    finally:
+        engine.close()
+        torch.set_num_threads(threads)
+    assert len(whole.output_ids) == 11 and whole.output_ids == tokens
+    torch.testing.assert_close(torch.tensor(whole.logprobs), torch.tensor(logprobs), rtol=0, atol=1e-6)
+
+
 async def test_logprobs_are_bit_identical_whatever_runs_beside_the_request(tiny_model_path):
     """Seeded runs repeat exactly (the demo's --seed): a row's numbers do not depend on its step-mates.
     With one torch thread, as the service runs on CPU (several threads split a GEMM by its row count)."""

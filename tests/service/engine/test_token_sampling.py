@@ -5,21 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from treepo.service.engine.token_sampling import SamplingBatch, counter_uniforms, sample_next
+from treepo.service.engine.token_sampling import SamplingBatch, as_int64, counter_uniforms, sample_next
 
 VOCAB = 6
 LOGITS = torch.log(torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05, 0.0001]))
 
 
-def batch_of(n: int, *, temperature=1.0, top_p=1.0, top_k=-1, seeds=None) -> SamplingBatch:
+def batch_of(n: int, *, temperature=1.0, top_p=1.0, top_k=-1) -> SamplingBatch:
     return SamplingBatch.from_rows(
-        [temperature] * n,
-        [top_p] * n,
-        [top_k] * n,
-        seeds or list(range(n)),
-        vocab_size=VOCAB,
-        device=torch.device("cpu"),
+        [temperature] * n, [top_p] * n, [top_k] * n, vocab_size=VOCAB, device=torch.device("cpu")
     )
+
+
+def ints(values) -> torch.Tensor:
+    return torch.tensor([as_int64(v) for v in values], dtype=torch.int64)
 
 
 def first(n: int) -> torch.Tensor:
@@ -27,7 +26,7 @@ def first(n: int) -> torch.Tensor:
 
 
 def draw(n: int, **kwargs) -> torch.Tensor:
-    tokens, _ = sample_next(LOGITS.expand(n, VOCAB).clone(), batch_of(n, **kwargs), first(n))
+    tokens, _ = sample_next(LOGITS.expand(n, VOCAB).clone(), batch_of(n, **kwargs), ints(range(n)), first(n))
     return tokens
 
 
@@ -46,8 +45,7 @@ class TestCounterUniforms:
         seeds = [0, 1, 7, 2**31, 2**62 + 12345, 2**63 - 1, 987654321987654321]
         counters = [0, 1, 5, 63, 1000]
         pairs = [(seed, k) for seed in seeds for k in counters]
-        batch = batch_of(len(pairs), seeds=[seed for seed, _ in pairs])
-        got = counter_uniforms(batch.seeds, torch.tensor([k for _, k in pairs]))
+        got = counter_uniforms(ints(seed for seed, _ in pairs), torch.tensor([k for _, k in pairs]))
         assert got.dtype == torch.float32
         assert got.tolist() == [splitmix64_uniform(seed, k) for seed, k in pairs]
 
@@ -88,29 +86,37 @@ class TestSampleNext:
     def test_same_seed_same_tokens_whatever_the_batch(self):
         for seed in range(20):
             for k in (0, 3):
-                alone = sample_next(LOGITS[None].clone(), batch_of(1, seeds=[seed]), torch.tensor([k]))[0]
+                alone = sample_next(LOGITS[None].clone(), batch_of(1), ints([seed]), torch.tensor([k]))[0]
                 mixed = sample_next(
-                    LOGITS.expand(3, VOCAB).clone(), batch_of(3, seeds=[7, seed, 9]), torch.tensor([1, k, 8])
+                    LOGITS.expand(3, VOCAB).clone(), batch_of(3), ints([7, seed, 9]), torch.tensor([1, k, 8])
                 )[0]
                 assert mixed[1].item() == alone.item()
-        a = batch_of(1, seeds=[5])
-        b = batch_of(1, seeds=[5])
-        seq_a = [sample_next(LOGITS[None].clone(), a, torch.tensor([k]))[0].item() for k in range(20)]
-        seq_b = [sample_next(LOGITS[None].clone(), b, torch.tensor([k]))[0].item() for k in range(20)]
+        a, b = batch_of(1), batch_of(1)
+        seq_a = [
+            sample_next(LOGITS[None].clone(), a, ints([5]), torch.tensor([k]))[0].item() for k in range(20)
+        ]
+        seq_b = [
+            sample_next(LOGITS[None].clone(), b, ints([5]), torch.tensor([k]))[0].item() for k in range(20)
+        ]
         assert seq_a == seq_b and len(set(seq_a)) > 1
 
     def test_logprobs_are_of_the_unmodified_distribution(self):
         tokens, logprobs = sample_next(
-            LOGITS.expand(50, VOCAB).clone(), batch_of(50, temperature=0.3, top_k=2), first(50)
+            LOGITS.expand(50, VOCAB).clone(),
+            batch_of(50, temperature=0.3, top_k=2),
+            ints(range(50)),
+            first(50),
         )
         torch.testing.assert_close(logprobs, torch.log_softmax(LOGITS, -1)[tokens])
 
     def test_greedy_rows_stay_greedy_in_a_sampled_batch(self):
         batch = SamplingBatch.from_rows(
-            [0.0, 1.0], [1.0, 1.0], [-1, -1], [1, 2], vocab_size=VOCAB, device=torch.device("cpu")
+            [0.0, 1.0], [1.0, 1.0], [-1, -1], vocab_size=VOCAB, device=torch.device("cpu")
         )
         greedy_row = [
-            sample_next(LOGITS.expand(2, VOCAB).clone(), batch, torch.tensor([k, k]))[0][0].item()
+            sample_next(LOGITS.expand(2, VOCAB).clone(), batch, ints([1, 2]), torch.tensor([k, k]))[0][
+                0
+            ].item()
             for k in range(50)
         ]
         assert greedy_row == [0] * 50

@@ -17,6 +17,7 @@ async def _prefill_and_floor(model_path) -> tuple[int, int]:
     engine = EmbeddedEngine(
         model_path, max_kv_tokens=ROWS * (PROMPT_TOKENS + 16), max_running_rows=ROWS, eos_token_ids=()
     )
+    engine.supports_segment_seeds = False  # one request per segment: paths wait for their tree's level
     sampler = TreeSampler(engine, lambda ids: " ".join(map(str, ids)))
     params = TreeParams(width=8, branch=2, segment_tokens=4, max_depth=4)
     prompts = [[3 + (i * 7 + j) % 60 for j in range(PROMPT_TOKENS)] for i in range(TREES)]

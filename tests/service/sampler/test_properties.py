@@ -56,18 +56,31 @@ class Recorder(EngineWrapper):
     max_new_tokens=st.one_of(st.none(), st.integers(1, 30)),
     jitter_s=st.sampled_from([0.0, 0.001]),
     seed=st.integers(0, 2**31),
+    segmented=st.booleans(),
 )
 def test_tree_invariants(
-    params: TreeParams, eos_prob: float, max_new_tokens: int | None, jitter_s: float, seed: int
+    params: TreeParams,
+    eos_prob: float,
+    max_new_tokens: int | None,
+    jitter_s: float,
+    seed: int,
+    segmented: bool,
 ) -> None:
-    engine = Recorder(ScriptedEngine(random_script(eos_prob), eos_token_id=EOS, jitter_s=jitter_s))
+    scripted = ScriptedEngine(
+        random_script(eos_prob), eos_token_id=EOS, jitter_s=jitter_s, segmented=segmented
+    )
+    engine = Recorder(scripted)
     sampling = SamplingParams(max_new_tokens=max_new_tokens)
     tree = asyncio.run(TreeSampler(engine, decode).sample(PROMPT, params, sampling, seed=seed))
     limit = max_new_tokens or params.segment_tokens * params.max_depth
     check_invariants(tree, params, limit)
-    assert all(r.max_new_tokens <= params.segment_tokens for r in engine.requests)
-    # no token decoded twice, none thrown away: what the engine decoded is exactly the tree's node tokens
+    for request in engine.requests:  # several segments per request only on an engine that takes them
+        assert request.max_new_tokens <= params.segment_tokens * max(1, len(request.segment_seeds))
+        assert segmented or not request.segment_seeds
+    # no token decoded twice: what the engine decoded is the tree's node tokens, plus (several segments per
+    # request) the segments decoded past a path's stop, which the tree counts as decoded too
     assert tree.stats.decoded_tokens == engine.decoded
+    assert segmented or engine.decoded == sum(len(n.token_ids) for n in tree.nodes)
     assert tree.stats.engine_calls == len(engine.requests)
 
 
@@ -86,19 +99,25 @@ def shape(tree: Tree) -> list[tuple]:
 def test_async_builds_the_same_tree_as_sync_whatever_the_timing(
     params: TreeParams, eos_prob: float, max_new_tokens: int | None, jitter_seed: int, seed: int
 ) -> None:
-    """The same seed gives the same tree in both schedules, with random engine delays and other trees'
-    requests in flight next to it (the engine returns requests in a shuffled order)."""
+    """The same seed gives the same tree in both schedules, one request per segment or a full tree's paths
+    in one request each, with random engine delays and other trees' requests in flight next to it (the engine
+    returns requests in a shuffled order)."""
     sampling = SamplingParams(max_new_tokens=max_new_tokens)
     prompts = [PROMPT, [9, *PROMPT], [4, 4]]
 
-    async def sample_all(schedule: str, jitter_s: float) -> list[Tree]:
+    async def sample_all(schedule: str, jitter_s: float, segmented: bool) -> list[Tree]:
         engine = ScriptedEngine(
-            random_script(eos_prob), eos_token_id=EOS, jitter_s=jitter_s, jitter_seed=jitter_seed
+            random_script(eos_prob),
+            eos_token_id=EOS,
+            jitter_s=jitter_s,
+            jitter_seed=jitter_seed,
+            segmented=segmented,
         )
         sampler, tree = TreeSampler(engine, decode), params.model_copy(update={"schedule": schedule})
         return await asyncio.gather(*(sampler.sample(p, tree, sampling, seed=seed) for p in prompts))
 
-    reference = asyncio.run(sample_all("sync", 0.0))
+    reference = asyncio.run(sample_all("sync", 0.0, segmented=False))  # one request per segment
     for schedule in ("sync", "async"):
-        trees = asyncio.run(sample_all(schedule, 0.001))
-        assert [shape(t) for t in trees] == [shape(t) for t in reference], schedule
+        for segmented in (False, True):  # a full tree's remaining segments in one request per path
+            trees = asyncio.run(sample_all(schedule, 0.001, segmented))
+            assert [shape(t) for t in trees] == [shape(t) for t in reference], (schedule, segmented)

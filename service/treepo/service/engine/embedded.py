@@ -33,7 +33,7 @@ from treepo.service.engine.model_runner import ModelRunner, kv_shape
 from treepo.service.engine.protocol import EngineError, EngineRequestError, GenerateOutput, GenerateRequest
 from treepo.service.engine.scheduler import Scheduler, SchedulerConfig
 from treepo.service.engine.sequence import Sequence as Row
-from treepo.service.engine.token_sampling import SamplingBatch, sample_next
+from treepo.service.engine.token_sampling import SamplingBatch, as_int64, sample_next
 from treepo.service.engine.weights import load_weights, read_state_dict
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,8 @@ class EngineCounters:
 
 class EmbeddedEngine:
     """Implements the `Engine` protocol on a local Hugging Face causal LM (CPU or CUDA)."""
+
+    supports_segment_seeds = True  # a request may decode several segments, one seed each
 
     def __init__(
         self,
@@ -267,8 +269,9 @@ class EmbeddedEngine:
         sampling = [row for row in rows if row.num_computed + row.num_scheduled == len(row.token_ids)]
         if not sampling:
             return {}
-        counters = int64_tensor([len(row.token_ids) - row.num_input_tokens for row in sampling])
-        tokens, logprobs = sample_next(logits, self._sampling_batch(sampling), counters)
+        draws = [row.next_draw() for row in sampling]
+        seeds, counters = int64_tensor([d[0] for d in draws]), int64_tensor([d[1] for d in draws])
+        tokens, logprobs = sample_next(logits, self._sampling_batch(sampling), seeds, counters)
         pairs = zip(tokens.tolist(), logprobs.tolist(), strict=True)
         return {row.seq_id: pair for row, pair in zip(sampling, pairs, strict=True)}
 
@@ -281,7 +284,6 @@ class EmbeddedEngine:
                 [row.temperature for row in rows],
                 [row.top_p for row in rows],
                 [row.top_k for row in rows],
-                [row.seed for row in rows],
                 vocab_size=self.vocab_size,
                 device=self.device,
             )
@@ -319,9 +321,11 @@ class EmbeddedEngine:
             temperature=request.temperature,
             top_p=request.top_p,
             top_k=request.top_k,
-            seed=request.seed if request.seed is not None else secrets.randbits(63),
+            seed=as_int64(request.seed) if request.seed is not None else secrets.randbits(63),
             deliver=deliver,
             priority=request.priority,
+            segment_seeds=tuple(as_int64(seed) for seed in request.segment_seeds),
+            segment_tokens=request.segment_tokens,
         )
 
     def _output(self, row: Row) -> GenerateOutput:

@@ -22,10 +22,18 @@ class GenerateRequest:
     # Lower runs first (a hint; engines may ignore it). A tree's requests share its start order, so the
     # engine finishes the trees it started, whose prefixes are cached, before it starts new ones.
     priority: int = 0
+    # Several segments in one request (engines with `supports_segment_seeds`): output token k is drawn as
+    # token k % segment_tokens of a request seeded segment_seeds[k // segment_tokens] that continues the
+    # tokens before it, so the output equals that of one request per segment; `seed` is then unused.
+    segment_seeds: tuple[int, ...] = ()
+    segment_tokens: int = 0
 
     def __post_init__(self) -> None:
         assert self.input_ids, "a request needs at least one input token"
         assert self.max_new_tokens >= 1, f"{self.max_new_tokens=}"
+        assert not self.segment_seeds or (
+            self.segment_tokens >= 1 and len(self.segment_seeds) * self.segment_tokens >= self.max_new_tokens
+        ), f"{self.segment_seeds=} {self.segment_tokens=} {self.max_new_tokens=}"
 
 
 @dataclass(slots=True)
@@ -109,6 +117,10 @@ class EngineWrapper:
     @property
     def max_context(self) -> int:
         return self.inner.max_context
+
+    @property
+    def supports_segment_seeds(self) -> bool:
+        return bool(getattr(self.inner, "supports_segment_seeds", False))
 
     async def generate(self, request: GenerateRequest) -> GenerateOutput:
         return await self.inner.generate(request)

@@ -43,7 +43,11 @@ class ScriptedEngine:
         jitter_seed: int = 0,
         max_cached_prefixes: int = 100_000,
         max_recorded_requests: int = 10_000,
+        segmented: bool = False,
     ) -> None:
+        """`segmented`: accept several segments per request (`supports_segment_seeds`), as the embedded
+        engine does; each segment's tokens are those a request of its own would give."""
+        self.supports_segment_seeds = segmented
         self.script = script or random_tokens(eos_token_id=eos_token_id)
         self._eos = (eos_token_id,)
         self._max_context = max_context
@@ -84,13 +88,22 @@ class ScriptedEngine:
             self.in_flight -= 1
 
     def _one(self, request: GenerateRequest) -> GenerateOutput:
-        rng = random.Random(hash((request.seed, tuple(request.input_ids))))
-        stream = self.script(list(request.input_ids), rng)
         stops = set(self._eos) | set(request.stop_token_ids)
+        pieces = (
+            [(seed, request.segment_tokens) for seed in request.segment_seeds]
+            if request.segment_seeds
+            else [(request.seed, request.max_new_tokens)]
+        )
         output: list[int] = []
-        for token in stream[: request.max_new_tokens]:
-            output.append(token)
-            if token in stops:
+        for seed, length in pieces:  # each segment as a request of its own would decode it
+            context = list(request.input_ids) + output
+            rng = random.Random(hash((seed, tuple(context))))
+            stream = self.script(context, rng)
+            for token in stream[: min(length, request.max_new_tokens - len(output))]:
+                output.append(token)
+                if token in stops:
+                    break
+            if (output and output[-1] in stops) or len(output) >= request.max_new_tokens:
                 break
         finish = "stop" if output and output[-1] in stops else "length"
         cached = self._cached_prefix(request.input_ids)

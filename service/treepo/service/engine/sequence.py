@@ -24,6 +24,8 @@ class Sequence:
     deliver: Callable[[Any], None] = lambda result: None  # called once, from the worker, with the result
     seq_id: int = field(default_factory=lambda: next(_ids))
     priority: int = 0  # lower is admitted first; ties in arrival order
+    segment_seeds: tuple[int, ...] = ()  # one seed per segment of `segment_tokens` (see GenerateRequest)
+    segment_tokens: int = 0
     num_input_tokens: int = 0
     num_cached_tokens: int = 0  # input tokens served from the prefix cache at admission
     num_computed: int = 0  # leading tokens whose KV sits in pool slots
@@ -36,6 +38,14 @@ class Sequence:
         assert self.num_input_tokens >= 1 and self.max_new_tokens >= 1, (
             f"{self.token_ids=} {self.max_new_tokens=}"
         )
+
+    def next_draw(self) -> tuple[int, int]:
+        """(seed, counter) of the uniform the next token is drawn with (see token_sampling)."""
+        k = len(self.token_ids) - self.num_input_tokens
+        if self.segment_tokens:
+            segment, k = divmod(k, self.segment_tokens)
+            return self.segment_seeds[segment], k
+        return self.seed, k
 
     @property
     def output_ids(self) -> list[int]:

@@ -179,6 +179,8 @@ class SGLangEngine:
 
     async def generate(self, request: GenerateRequest) -> GenerateOutput:
         """One request on the worker its prefix routes to; copies sent together share one warm-up."""
+        if request.segment_seeds:
+            raise EngineRequestError("SGLang samples a request with one seed: send one request per segment")
         self._check_fits(request)
         worker = self._route(request)
         warmup = await self._warm(worker, request) if self.prefill_first else None

@@ -19,14 +19,15 @@ import torch
 from treepo.service.engine.host_tensors import float32_tensor, int64_tensor
 
 
-def _signed(value: int) -> int:
-    """A 64-bit constant as the int64 with the same bits."""
+def as_int64(value: int) -> int:
+    """An integer's low 64 bits as the int64 with the same bits (seeds and constants)."""
+    value %= 2**64
     return value - 2**64 if value >= 2**63 else value
 
 
-_GOLDEN = _signed(0x9E3779B97F4A7C15)
-_MIX1 = _signed(0xBF58476D1CE4E5B9)
-_MIX2 = _signed(0x94D049BB133111EB)
+_GOLDEN = as_int64(0x9E3779B97F4A7C15)
+_MIX1 = as_int64(0xBF58476D1CE4E5B9)
+_MIX2 = as_int64(0x94D049BB133111EB)
 
 
 def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -53,7 +54,6 @@ class SamplingBatch:
     temperature: torch.Tensor  # (B,) float32; 0 = greedy
     top_p: torch.Tensor  # (B,) float32 in (0, 1]
     top_k: torch.Tensor  # (B,) int64; >= vocab size when off
-    seeds: torch.Tensor  # (B,) int64
     is_all_greedy: bool
     is_filtered: bool  # some row uses top-k or top-p
 
@@ -63,7 +63,6 @@ class SamplingBatch:
         temperatures: Sequence[float],
         top_ps: Sequence[float],
         top_ks: Sequence[int],
-        seeds: Sequence[int],
         *,
         vocab_size: int,
         device: torch.device,
@@ -73,22 +72,21 @@ class SamplingBatch:
             temperature=float32_tensor(temperatures).to(device),
             top_p=float32_tensor(top_ps).to(device),
             top_k=int64_tensor(top_ks).to(device),
-            seeds=int64_tensor([_signed(seed % 2**64) for seed in seeds]).to(device),
             is_all_greedy=all(t == 0 for t in temperatures),
             is_filtered=any(k < vocab_size for k in top_ks) or any(p < 1 for p in top_ps),
         )
 
 
 def sample_next(
-    logits: torch.Tensor, batch: SamplingBatch, counters: torch.Tensor
+    logits: torch.Tensor, batch: SamplingBatch, seeds: torch.Tensor, counters: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row of `logits` (B, V), row i's `counters[i]`-th (int64, (B,)); returns
-    (tokens (B,), logprobs (B,))."""
+    """Sample one token per row of `logits` (B, V): row i's draw `counters[i]` of seed `seeds[i]` (int64,
+    (B,) each); returns (tokens (B,), logprobs (B,))."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, V), unmodified distribution
     tokens = logprobs.argmax(dim=-1)
     if not batch.is_all_greedy:
         temperature = batch.temperature.clamp(min=1e-6)[:, None]  # greedy rows are overridden below
-        uniforms = counter_uniforms(batch.seeds, counters.to(batch.seeds.device))
+        uniforms = counter_uniforms(seeds.to(logits.device), counters.to(logits.device))
         chosen = _draw(logprobs / temperature, batch, uniforms)
         tokens = torch.where(batch.temperature > 0, chosen, tokens)
     return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)

@@ -27,6 +27,8 @@ def make_request(
     base_seed: int,
     label: str,
     priority: int = 0,
+    segment_seeds: tuple[int, ...] = (),
+    segment_tokens: int = 0,
 ) -> GenerateRequest:
     """One engine request of a tree or of the sequential baseline, seeded from (tree seed, path label)."""
     return GenerateRequest(
@@ -38,6 +40,8 @@ def make_request(
         seed=derive_seed(base_seed, label),
         stop_token_ids=tuple(sampling.stop_token_ids),
         priority=priority,
+        segment_seeds=segment_seeds,
+        segment_tokens=segment_tokens,
     )
 
 

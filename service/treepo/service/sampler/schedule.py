@@ -11,6 +11,13 @@ schedules therefore build the same tree for the same seed, whatever the engine's
 
 A path's request seed comes from its lineage (the child indices from the root), not from when it was sent;
 node ids are "<level>-<k>" with k the position in the level in lineage order, as in the release.
+
+Once a tree is full (finished leaves + live paths = width) the budget gives every survivor exactly one
+child, whatever finishes: total = max(min(w - F, b f + b A), A) = A. From there, on an engine that takes
+several segments per request (`supports_segment_seeds`), a path's remaining segments are one request, each
+segment with the seed its own request would have had: the same tokens, a fraction of the requests. The
+levels are still decided one by one from the segments; segments decoded past a path's stop are counted as
+decoded, not kept.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from treepo.client.schema import SamplingParams, TreeParams
 from treepo.service.engine.protocol import Engine, GenerateOutput, GenerateRequest
 from treepo.service.sampler.budget import split_budget, step_budget
 from treepo.service.sampler.fallback import reopen
-from treepo.service.sampler.paths import Outcome, Path, TreeBuilder, make_request
+from treepo.service.sampler.paths import Outcome, Path, TreeBuilder, derive_seed, make_request
 
 Lineage = tuple[
     int, ...
@@ -60,6 +67,9 @@ class TreeRun:
         self.level = 0
         self._tasks: dict[Lineage, asyncio.Task[GenerateOutput]] = {}  # requests in flight, by lineage
         self._outcomes: dict[Lineage, Outcome] = {}  # segments classified early (async head starts)
+        self.segmented = bool(getattr(engine, "supports_segment_seeds", False))
+        self._whole: set[Lineage] = set()  # requests in flight that decode a path's remaining segments
+        self._ahead: dict[Lineage, GenerateOutput] = {}  # their later segments, by the lineage they are for
 
     async def run(self) -> None:
         members = [_Member(path, (0, i)) for i, path in enumerate(self._initial_paths())]
@@ -71,6 +81,8 @@ class TreeRun:
         finally:
             for task in self._tasks.values():
                 task.cancel()
+            for unused in self._ahead.values():  # decoded past a path's stop: engine work all the same
+                self.builder.counts.decoded_tokens += len(unused.output_ids)
 
     # Internal helpers
 
@@ -82,20 +94,50 @@ class TreeRun:
 
     async def _run_level(self, members: list[_Member]) -> dict[Lineage, GenerateOutput]:
         """Every member's segment (head starts included); with `async`, survivors' first children go early."""
-        for member in members:
-            if member.lineage not in self._tasks:
-                self._submit(member.path, member.lineage)
-        waiting = {self._tasks[m.lineage]: m for m in members}
+        whole = self.segmented and self.builder.num_leaves + len(members) == self.tree.width
         outputs: dict[Lineage, GenerateOutput] = {}
+        for member in members:
+            if member.lineage in self._ahead:
+                outputs[member.lineage] = self._ahead.pop(member.lineage)
+            elif member.lineage not in self._tasks:
+                self._submit(member.path, member.lineage, whole=whole)
+        waiting = {self._tasks[m.lineage]: m for m in members if m.lineage not in outputs}
         while waiting:
             done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 member = waiting.pop(task)
                 del self._tasks[member.lineage]
-                outputs[member.lineage] = output = task.result()
-                if self.head_start:
+                outputs[member.lineage] = output = self._first_segment(member.lineage, task.result())
+                if self.head_start and not whole:  # a full tree's next segments are already requested
                     self._submit_first_child(member, output)
         return outputs
+
+    def _first_segment(self, lineage: Lineage, output: GenerateOutput) -> GenerateOutput:
+        """A whole-path request's output cut into segments: the first is this level's, the others wait in
+        `_ahead` for the single children that will continue the path (lineage + (0,) per level)."""
+        if lineage not in self._whole:
+            return output
+        self._whole.discard(lineage)
+        size = self.tree.segment_tokens
+        pieces = [output.output_ids[i : i + size] for i in range(0, len(output.output_ids), size)]
+        for j, tokens in enumerate(pieces[1:], start=1):
+            self._ahead[(*lineage, *(0,) * j)] = GenerateOutput(
+                output_ids=tokens,
+                logprobs=output.logprobs[j * size : j * size + len(tokens)],
+                finish_reason=output.finish_reason if j == len(pieces) - 1 else "length",
+                cached_tokens=0,  # no request of its own: nothing was looked up or prefilled
+                prefill_tokens=0,
+                policy_version=output.policy_version,
+            )
+        return GenerateOutput(
+            output_ids=pieces[0],
+            logprobs=output.logprobs[:size],
+            finish_reason=output.finish_reason if len(pieces) == 1 else "length",
+            cached_tokens=output.cached_tokens,
+            prefill_tokens=output.prefill_tokens,
+            policy_version=output.policy_version,
+            extra=output.extra,
+        )
 
     def _submit_first_child(self, member: _Member, output: GenerateOutput) -> None:
         outcome = self._outcomes[member.lineage] = self.builder.outcome(member.path, output)
@@ -104,18 +146,34 @@ class TreeRun:
             child = Path(None, member.path.depth + 1, member.path.response_ids + tokens)
             self._submit(child, (*member.lineage, 0))
 
-    def _submit(self, path: Path, lineage: Lineage) -> None:
+    def _submit(self, path: Path, lineage: Lineage, *, whole: bool = False) -> None:
         self.builder.num_requests += 1
-        request = self._request(path, lineage)
+        request = self._request(path, lineage, whole)
+        if request.segment_seeds:
+            self._whole.add(lineage)
         self._tasks[lineage] = asyncio.ensure_future(self.engine.generate(request))
 
-    def _request(self, path: Path, lineage: Lineage) -> GenerateRequest:
+    def _request(self, path: Path, lineage: Lineage, whole: bool) -> GenerateRequest:
+        """This level's segment of `path`; with `whole`, every segment left to it up to the depth limit."""
         room = self.builder.rules.max_new_tokens - len(path.response_ids)
         assert room >= 1, f"a live path has no room left: {room=}"
         input_ids = self.builder.prompt_ids + path.response_ids
-        segment = min(self.tree.segment_tokens, room)
+        size = self.tree.segment_tokens
         label = ".".join(map(str, lineage))
-        return make_request(self.sampling, input_ids, segment, self.base_seed, label, self.builder.priority)
+        segments = max(1, self.tree.max_depth - path.depth) if whole else 1
+        max_new = min(size * segments, room)
+        if segments == 1 or max_new <= size:
+            return make_request(
+                self.sampling, input_ids, min(size, room), self.base_seed, label, self.builder.priority
+            )
+        seeds = tuple(
+            derive_seed(self.base_seed, ".".join(map(str, (*lineage, *(0,) * j))))
+            for j in range(-(-max_new // size))
+        )
+        return make_request(
+            self.sampling, input_ids, max_new, self.base_seed, label, self.builder.priority,
+            segment_seeds=seeds, segment_tokens=size,
+        )  # fmt: skip
 
     def _next_level(self, members: list[_Member], outputs: dict[Lineage, GenerateOutput]) -> list[_Member]:
         """Grow the level's segments in lineage order; give its live paths their children, or fall back."""
