@@ -153,6 +153,7 @@ class StandinState:
     token_delay_s: float = 0.0  # per decode step, so that /pause_generation can catch requests running
     abort_plan: list[int] = field(default_factory=list)  # next items abort after this many tokens
     fail_weight_update: str | None = None  # message of a refused /update_weights_from_disk
+    busy_flushes: int = 0  # the next flushes find requests queued (SGLang 0.5.23 then answers 400)
     update_delay_s: float = 0.0  # how long a weight load takes
     warmup_logprob: bool = False  # answer max_new_tokens=0 with one logprob and no token (older versions)
     healthy: bool = True  # False: /health, /health_generate and /get_model_info answer 503
@@ -222,15 +223,23 @@ def create_app(state: StandinState) -> FastAPI:
         except Exception as exc:
             message = f"Failed to update weights: {exc}.\nRolling back to original weights."
             return JSONResponse({"success": False, "message": message, "num_paused_requests": 0}, 400)
-        if body.get("flush_cache", True):
-            state.prefix.clear()
         state.weight_version = str(body.get("weight_version", state.weight_version))
+        if body.get("flush_cache", True):
+            if state.busy_flushes:  # SGLang 0.5.23's answer when the flush after a load finds requests queued
+                state.busy_flushes -= 1
+                message = (
+                    "Weights were updated, but the cache was not flushed because requests are still running "
+                    "or queued. Retract or finish them, then call /flush_cache."
+                )
+                return JSONResponse({"success": False, "message": message, "num_paused_requests": 0}, 400)
+            state.prefix.clear()
         answer = {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
         return JSONResponse(answer)
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache() -> PlainTextResponse:
-        if state.inflight:
+        if state.inflight or (state.busy_flushes and not state.paused):
+            state.busy_flushes = max(0, state.busy_flushes - 1)
             return PlainTextResponse("Cache not flushed: requests are running.", status_code=400)
         state.prefix.clear()
         return PlainTextResponse(FLUSHED)

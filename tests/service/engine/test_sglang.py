@@ -409,6 +409,21 @@ async def test_a_restarted_worker_gets_the_current_weights_again() -> None:
     assert engine.admin.num_repushes == 2 and len(state.weight_updates) == 3
 
 
+@pytest.mark.parametrize("busy_flushes", [1, 9])  # queued requests finish soon / keep coming
+async def test_a_load_whose_flush_found_requests_queued_still_flushes(busy_flushes) -> None:
+    """SGLang 0.5.23 loads the weights, then refuses the flush while requests are queued (another replica's
+    on a shared worker): the push still counts, and the cache of the old weights is flushed after it."""
+    state = scripted_state()
+    with serve(state, port()) as url:
+        async with engine_for(url) as engine:
+            await engine.generate(GenerateRequest([5, 6, 7], 2))
+            assert state.prefix.root
+            state.busy_flushes = busy_flushes
+            await engine.update_weights("/ckpt/step-1", 1)
+            assert state.weight_version == "1" and engine.policy_version == 1
+            assert not state.prefix.root and not state.paused  # flushed, and generation goes on
+
+
 async def test_readiness_holds_while_weights_load() -> None:
     state = scripted_state(update_delay_s=0.5, healthy=True)
     with serve(state, port()) as url:
