@@ -105,3 +105,19 @@ async def test_seeds_fit_every_version(engine, sglang) -> None:
     """Seeds >= 2^31 overflow SGLang 0.5.4; the engine folds them into 31 bits."""
     output = await engine.generate(GenerateRequest(PROMPT, 2, seed=2**62 + 5))
     assert len(output.output_ids) == 2
+
+
+async def test_a_load_finished_after_a_refused_flush(launch, model_path) -> None:
+    """When SGLang loaded a push but refused its own cache flush (requests queued: another replica's), the
+    engine flushes and then records the version without aborting requests: those calls, on a real worker."""
+    worker = launch()  # its own: the version it reports changes
+    engine = SGLangEngine([worker.url], model_path=model_path, timeout_s=120)
+    try:
+        await engine.generate(GenerateRequest([5, 6, 7, 8], 2))
+        await engine.admin._flush_after_load(worker.url, 7)
+        info = (await engine._request("GET", worker.url + "/get_model_info")).json()
+        again = await engine.generate(GenerateRequest([5, 6, 7, 8], 2))
+    finally:
+        await engine.aclose()
+    assert info["weight_version"] == "7"
+    assert again.cached_tokens == 0  # the cache was flushed

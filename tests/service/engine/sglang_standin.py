@@ -33,6 +33,7 @@ TokenStream = Callable[[list[int], dict[str, Any]], Iterator[tuple[int, float]]]
 
 ADMIN_ROUTES = {
     "/update_weights_from_disk", "/flush_cache", "/pause_generation", "/continue_generation", "/abort_request",
+    "/update_weight_version",
 }  # fmt: skip
 SAMPLING_FIELDS = (
     "max_new_tokens", "stop", "stop_token_ids", "stop_regex", "temperature", "top_p", "top_k", "min_p",
@@ -223,16 +224,18 @@ def create_app(state: StandinState) -> FastAPI:
         except Exception as exc:
             message = f"Failed to update weights: {exc}.\nRolling back to original weights."
             return JSONResponse({"success": False, "message": message, "num_paused_requests": 0}, 400)
-        state.weight_version = str(body.get("weight_version", state.weight_version))
         if body.get("flush_cache", True):
-            if state.busy_flushes:  # SGLang 0.5.23's answer when the flush after a load finds requests queued
-                state.busy_flushes -= 1
+            if (
+                state.busy_flushes
+            ):  # SGLang 0.5.23's answer when the flush after a load finds requests queued:
+                state.busy_flushes -= 1  # the weights are loaded, the reported weight_version is not changed
                 message = (
                     "Weights were updated, but the cache was not flushed because requests are still running "
                     "or queued. Retract or finish them, then call /flush_cache."
                 )
                 return JSONResponse({"success": False, "message": message, "num_paused_requests": 0}, 400)
             state.prefix.clear()
+        state.weight_version = str(body.get("weight_version", state.weight_version))
         answer = {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
         return JSONResponse(answer)
 
@@ -266,6 +269,13 @@ def create_app(state: StandinState) -> FastAPI:
                 "weight_version": state.weight_version,
             }
         )
+
+    @app.post("/update_weight_version")
+    async def update_weight_version(request: Request) -> JSONResponse:
+        body = await request.json()
+        state.weight_version = str(body["new_version"])
+        answer = {"success": True, "message": f"Weight version updated to {body['new_version']}"}
+        return JSONResponse({**answer, "new_version": body["new_version"]})
 
     @app.post("/pause_generation")
     async def pause(request: Request) -> JSONResponse:

@@ -420,8 +420,9 @@ async def test_a_load_whose_flush_found_requests_queued_still_flushes(busy_flush
             assert state.prefix.root
             state.busy_flushes = busy_flushes
             await engine.update_weights("/ckpt/step-1", 1)
-            assert state.weight_version == "1" and engine.policy_version == 1
+            assert state.weight_version == "1" and engine.policy_version == 1  # told after the flush
             assert not state.prefix.root and not state.paused  # flushed, and generation goes on
+            assert await engine.health() is True
 
 
 async def test_readiness_holds_while_weights_load() -> None:

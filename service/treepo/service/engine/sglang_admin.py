@@ -187,27 +187,31 @@ class WorkerAdmin:
             raise_for_status(response, url)
         answer = json_or_text(response)
         if isinstance(answer, dict) and str(answer.get("message", "")).startswith(_LOADED_NOT_FLUSHED):
-            await self._flush_after_load(url)  # the weights are in: the cache of the old ones must go
+            await self._flush_after_load(url, version)  # the weights are in: the old ones' cache must go
             return
         if not (isinstance(answer, dict) and answer.get("success")):
             message = answer.get("message", answer) if isinstance(answer, dict) else answer
             raise WeightUpdateError(f"HTTP {response.status_code}: {message}")
 
-    async def _flush_after_load(self, url: str) -> None:
-        """Flush `url`'s prefix cache after a load whose own flush found requests queued (another replica's,
-        on a shared worker): retried while they finish, then with generation paused (mode abort: their
-        callers resubmit them), as SGLang's docs and slime do."""
+    async def _flush_after_load(self, url: str, version: int) -> None:
+        """Finish a load whose own flush found requests queued (another replica's, on a shared worker): the
+        cache of the old weights is flushed, retried while they finish, then with generation paused (mode
+        abort: their callers resubmit them), as SGLang's docs and slime do; then the worker is told the
+        version (it records it only when the whole update succeeds)."""
         for delay_s in (0.05, 0.1, 0.2, 0.4):
             await asyncio.sleep(delay_s)
             if (await self._post(url, "/flush_cache", {})).status_code == 200:
-                return
-        logger.warning("SGLang worker %s still busy after a weight load: pausing it to flush its cache", url)
-        raise_for_status(await self._post(url, "/pause_generation", {"mode": "abort"}), url)
-        try:
-            raise_for_status(await self._post(url, "/flush_cache", {}), url)
-        finally:
-            with contextlib.suppress(EngineError):
-                await self._post(url, "/continue_generation", {})
+                break
+        else:
+            logger.warning("SGLang worker %s busy after a weight load: pausing it to flush its cache", url)
+            raise_for_status(await self._post(url, "/pause_generation", {"mode": "abort"}), url)
+            try:
+                raise_for_status(await self._post(url, "/flush_cache", {}), url)
+            finally:
+                with contextlib.suppress(EngineError):
+                    await self._post(url, "/continue_generation", {})
+        body = {"new_version": str(version), "abort_all_requests": False}
+        raise_for_status(await self._post(url, "/update_weight_version", body), url)
 
     async def _post(self, url: str, path: str, body: dict[str, Any]) -> httpx.Response:
         return await self._http("POST", url + path, body, admin=True)

@@ -1,4 +1,4 @@
-"""The segment loop of one tree: level by level (TREEPO.md §1.2), each path's segment its own engine request.
+"""The segment loop of one tree: level by level (TREEPO.md §1.2), each path's segment an engine request.
 
 Every rule of a level (early stop, budget, split, fallback) is decided when that tree's level is complete: a
 per-tree barrier, never a global one, since other trees' requests keep the engine busy meanwhile. Both

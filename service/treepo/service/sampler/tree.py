@@ -31,7 +31,8 @@ class TreeSampler:
     """Samples trees with every TreePO release rule (bugs B1-B4 fixed). Pure logic over the Engine protocol.
 
     Many `sample()` coroutines may run at once over one sampler: every path's segment is its own engine
-    request, so the engine batches all trees' requests together, continuously.
+    request (once a tree is full, a path's remaining segments: see schedule.py), so the engine batches all
+    trees' requests together, continuously.
     """
 
     def __init__(self, engine: Engine, decode: Callable[[list[int]], str]) -> None:
