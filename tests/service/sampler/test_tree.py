@@ -275,3 +275,19 @@ async def test_a_trees_requests_share_its_start_order_as_their_priority():
     await sampler.sample_sequential(PROMPT, params, sampling, seed=1)
     second = {request.priority for request in engine.requests} - first
     assert len(first) == 1 and len(second) == 1 and min(second) > max(first)
+
+
+@pytest.mark.parametrize(("segment", "longest"), [(40, 120), (512, 512)])
+async def test_whole_path_requests_stay_short(segment: int, longest: int) -> None:
+    """Once the tree is full a path's remaining segments go as one request, but never beyond
+    WHOLE_PATH_TOKENS (the engine reserves KV for all of them): 3 segments of 40, none of 512."""
+    params = TreeParams(width=4, branch=2, segment_tokens=segment, max_depth=8, init_branch=2)
+    sampling = SamplingParams(max_new_tokens=segment * 8)
+    trees, requests = [], []
+    for segmented in (False, True):
+        engine = ScriptedEngine(no_eos(), eos_token_id=EOS, segmented=segmented)
+        trees.append(await TreeSampler(engine, decode).sample(PROMPT, params, sampling, seed=3))
+        requests.append(engine.requests)
+    assert [n.token_ids for n in trees[0].nodes] == [n.token_ids for n in trees[1].nodes]
+    assert max(r.max_new_tokens for r in requests[1]) == longest
+    assert len(requests[1]) < len(requests[0]) if segment == 40 else len(requests[1]) == len(requests[0])

@@ -17,7 +17,8 @@ child, whatever finishes: total = max(min(w - F, b f + b A), A) = A. From there,
 several segments per request (`supports_segment_seeds`), a path's remaining segments are one request, each
 segment with the seed its own request would have had: the same tokens, a fraction of the requests. The
 levels are still decided one by one from the segments; segments decoded past a path's stop are counted as
-decoded, not kept.
+decoded, not kept. A request spans at most WHOLE_PATH_TOKENS: the engine reserves KV for all of its tokens
+when it admits it, and a few short segments already amortize a request's cost (long segments: no change).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from treepo.service.engine.protocol import Engine, GenerateOutput, GenerateReque
 from treepo.service.sampler.budget import split_budget, step_budget
 from treepo.service.sampler.fallback import reopen
 from treepo.service.sampler.paths import Outcome, Path, TreeBuilder, derive_seed, make_request
+
+WHOLE_PATH_TOKENS = 128  # the most tokens one whole-path request decodes (whole segments, at least one)
 
 Lineage = tuple[
     int, ...
@@ -160,7 +163,8 @@ class TreeRun:
         input_ids = self.builder.prompt_ids + path.response_ids
         size = self.tree.segment_tokens
         label = ".".join(map(str, lineage))
-        segments = max(1, self.tree.max_depth - path.depth) if whole else 1
+        left = max(1, self.tree.max_depth - path.depth)  # segments until the depth limit, this one included
+        segments = min(left, max(1, WHOLE_PATH_TOKENS // size)) if whole else 1
         max_new = min(size * segments, room)
         if segments == 1 or max_new <= size:
             return make_request(
