@@ -219,10 +219,10 @@ class Node(BaseModel):
     @field_validator("logprobs", mode="before")
     @classmethod
     def _finite(cls, value: Any) -> Any:
-        return floor_logprobs(value) if isinstance(value, list) else value
+        return _floor_logprobs(value) if isinstance(value, list) else value
 
 
-def floor_logprobs(values: list) -> list:
+def _floor_logprobs(values: list) -> list:
     """-inf/NaN (or null from an older writer) -> LOGPROB_FLOOR: the tree always serialises and parses."""
     try:  # the common case, checked in C: finite numbers above the floor pass as they are
         if math.isfinite(sum(values)) and (not values or min(values) >= LOGPROB_FLOOR):

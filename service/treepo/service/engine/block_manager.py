@@ -52,7 +52,7 @@ class BlockManager:
         self.slot_table = torch.zeros((max_rows, width), dtype=torch.int64)  # (rows, tokens), CPU
         self._free_rows = list(range(max_rows - 1, -1, -1))
         self.table_row: dict[int, int] = {}  # seq_id -> its line in slot_table
-        self.row_slots: dict[int, list[int]] = {}  # seq_id -> its table line's filled part, as a list
+        self._row_slots: dict[int, list[int]] = {}  # seq_id -> its table line's filled part, as a list
         self._locked: dict[int, TreeNode] = {}  # seq_id -> the tree node its cached prefix ends at
         self._locked_length: dict[int, int] = {}  # seq_id -> tokens that node spells
         self._tree_length: dict[int, int] = {}  # seq_id -> leading table entries owned by the tree
@@ -81,7 +81,7 @@ class BlockManager:
         prefix = list(slots[:cached])
         self._writes.append((line, 0, prefix))
         self.table_row[seq.seq_id] = line
-        self.row_slots[seq.seq_id] = prefix
+        self._row_slots[seq.seq_id] = prefix
         self._locked[seq.seq_id] = node
         self._locked_length[seq.seq_id] = len(slots)
         self._tree_length[seq.seq_id] = cached
@@ -98,31 +98,17 @@ class BlockManager:
         assert slots is not None, f"{total=} {self.pool.num_free=} {self.num_reserved=}"
         start = 0
         for seq in rows:
-            row_slots, count = self.row_slots[seq.seq_id], seq.num_scheduled
+            row_slots, count = self._row_slots[seq.seq_id], seq.num_scheduled
             assert len(row_slots) == seq.num_computed, f"{len(row_slots)=} {seq.num_computed=}"
             fed = slots[start : start + count]
             self._writes.append((self.table_row[seq.seq_id], len(row_slots), fed))
             row_slots += fed
             start += count
-        self.write_tables()
+        self._write_tables()
         self.num_reserved -= total
         self.num_owned += total
         self.peak_active_tokens = max(self.peak_active_tokens, self.num_active_tokens)
         return int64_tensor(slots)
-
-    def write_tables(self) -> None:
-        """Store every table change since the last call in the slot table, in one indexed store."""
-        if not self._writes:
-            return
-        width = self.slot_table.shape[1]
-        flat: list[int] = []  # positions in the flattened table
-        values: list[int] = []
-        for line, column, slots in self._writes:
-            start = line * width + column
-            flat += range(start, start + len(slots))
-            values += slots
-        self._writes.clear()
-        self.slot_table.view(-1).index_copy_(0, int64_tensor(flat), int64_tensor(values))
 
     def cache_input(self, seq: Sequence) -> None:
         """Put the row's computed input into the tree and lock it there instead of the old match."""
@@ -141,7 +127,7 @@ class BlockManager:
             self._remember(seq, self._insert(seq, computed))
         elif computed and computed == self._locked_length[seq_id]:
             self._remember(seq, self._locked[seq_id])
-        row_slots = self.row_slots.pop(seq_id)
+        row_slots = self._row_slots.pop(seq_id)
         if len(row_slots) > computed:  # a failed step's slots
             self.pool.free(row_slots[computed:])
             self.num_owned -= len(row_slots) - computed
@@ -152,7 +138,7 @@ class BlockManager:
 
     def flush(self) -> None:
         """Drop the whole prefix cache (after a weight update); no row may be running."""
-        assert not self.row_slots and self.radix.protected_size == 0, f"{len(self.row_slots)=}"
+        assert not self._row_slots and self.radix.protected_size == 0, f"{len(self._row_slots)=}"
         self.radix.reset()
         self.pool.clear()
         self._stopped.clear()
@@ -164,6 +150,20 @@ class BlockManager:
         return self.radix.protected_size + self.num_owned
 
     # Internal helpers
+
+    def _write_tables(self) -> None:
+        """Store every table change since the last call in the slot table, in one indexed store."""
+        if not self._writes:
+            return
+        width = self.slot_table.shape[1]
+        flat: list[int] = []  # positions in the flattened table
+        values: list[int] = []
+        for line, column, slots in self._writes:
+            start = line * width + column
+            flat += range(start, start + len(slots))
+            values += slots
+        self._writes.clear()
+        self.slot_table.view(-1).index_copy_(0, int64_tensor(flat), int64_tensor(values))
 
     def _match(self, seq: Sequence) -> tuple[TreeNode, tuple[int, ...]]:
         """The longest cached prefix of the row's input: the node it ends at and its slots."""
@@ -180,14 +180,14 @@ class BlockManager:
         key = tuple(seq.token_ids[:computed])
         if self._stopped.pop(key, None) is not None:
             self._stopped_tokens -= computed
-        self._stopped[key] = (node, tuple(self.row_slots[seq.seq_id][:computed]))
+        self._stopped[key] = (node, tuple(self._row_slots[seq.seq_id][:computed]))
         self._stopped_tokens += computed
         while self._stopped_tokens > self._max_stopped_tokens:  # oldest first
             self._stopped_tokens -= len(self._stopped.popitem(last=False)[0])
 
     def _insert(self, seq: Sequence, length: int) -> TreeNode:
         """Insert the row's first `length` tokens; rows owning duplicates free them and use the tree's."""
-        seq_id, row_slots = seq.seq_id, self.row_slots[seq.seq_id]
+        seq_id, row_slots = seq.seq_id, self._row_slots[seq.seq_id]
         owned_from = self._tree_length[seq_id]
         start, start_length = self._locked[seq_id], self._locked_length[seq_id]
         if start_length != owned_from:  # its input was cached whole (the last token recomputed)

@@ -161,7 +161,7 @@ def _chunk_group(chunks, slot_table, *, dtype, device) -> AttentionGroup:
         flat.extend(range(offset, offset + count))
     token_index_t = torch.tensor(token_index)  # (B, Q)
     valid = torch.tensor([[q < count for q in range(num_queries)] for _, _, count, _ in chunks])
-    key_slots = slot_table[:, :num_keys].index_select(0, torch.tensor([row for row, *_ in chunks]))
+    key_slots = slot_table[:, :num_keys].index_select(0, int64_tensor([row for row, *_ in chunks]))
     return AttentionGroup(
         key_slots=key_slots.to(device),
         mask=_mask(torch.tensor(query_pos)[:, None, :, None], num_keys, dtype).to(device),  # (B, 1, Q, K)

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -174,15 +174,9 @@ class WorkerAdmin:
         return self.reported[url]
 
     async def _push(self, url: str, model_dir: str, version: int) -> None:
-        if self.pause_for_update:
-            raise_for_status(await self._post(url, "/pause_generation", {"mode": "abort"}), url)
-        try:
-            body = {"model_path": model_dir, "weight_version": str(version), "flush_cache": True}
+        body = {"model_path": model_dir, "weight_version": str(version), "flush_cache": True}
+        async with self._paused(url) if self.pause_for_update else contextlib.nullcontext():
             response = await self._post(url, "/update_weights_from_disk", body)
-        finally:
-            if self.pause_for_update:
-                with contextlib.suppress(EngineError):
-                    await self._post(url, "/continue_generation", {})
         if response.status_code not in (200, 400):
             raise_for_status(response, url)
         answer = json_or_text(response)
@@ -204,14 +198,21 @@ class WorkerAdmin:
                 break
         else:
             logger.warning("SGLang worker %s busy after a weight load: pausing it to flush its cache", url)
-            raise_for_status(await self._post(url, "/pause_generation", {"mode": "abort"}), url)
-            try:
+            async with self._paused(url):
                 raise_for_status(await self._post(url, "/flush_cache", {}), url)
-            finally:
-                with contextlib.suppress(EngineError):
-                    await self._post(url, "/continue_generation", {})
         body = {"new_version": str(version), "abort_all_requests": False}
         raise_for_status(await self._post(url, "/update_weight_version", body), url)
+
+    @contextlib.asynccontextmanager
+    async def _paused(self, url: str) -> AsyncIterator[None]:
+        """Generation paused on `url` (mode abort: running requests go back to their callers, who resubmit
+        them), resumed afterwards whatever happened."""
+        raise_for_status(await self._post(url, "/pause_generation", {"mode": "abort"}), url)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(EngineError):
+                await self._post(url, "/continue_generation", {})
 
     async def _post(self, url: str, path: str, body: dict[str, Any]) -> httpx.Response:
         return await self._http("POST", url + path, body, admin=True)

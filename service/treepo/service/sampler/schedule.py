@@ -71,7 +71,6 @@ class TreeRun:
         self._tasks: dict[Lineage, asyncio.Task[GenerateOutput]] = {}  # requests in flight, by lineage
         self._outcomes: dict[Lineage, Outcome] = {}  # segments classified early (async head starts)
         self.segmented = bool(getattr(engine, "supports_segment_seeds", False))
-        self._whole: set[Lineage] = set()  # requests in flight that decode a path's remaining segments
         self._ahead: dict[Lineage, GenerateOutput] = {}  # their later segments, by the lineage they are for
 
     async def run(self) -> None:
@@ -117,11 +116,11 @@ class TreeRun:
 
     def _first_segment(self, lineage: Lineage, output: GenerateOutput) -> GenerateOutput:
         """A whole-path request's output cut into segments: the first is this level's, the others wait in
-        `_ahead` for the single children that will continue the path (lineage + (0,) per level)."""
-        if lineage not in self._whole:
-            return output
-        self._whole.discard(lineage)
+        `_ahead` for the single children that will continue the path (lineage + (0,) per level). Only a
+        whole-path request answers more than one segment."""
         size = self.tree.segment_tokens
+        if len(output.output_ids) <= size:
+            return output
         pieces = [output.output_ids[i : i + size] for i in range(0, len(output.output_ids), size)]
         for j, tokens in enumerate(pieces[1:], start=1):
             self._ahead[(*lineage, *(0,) * j)] = GenerateOutput(
@@ -152,8 +151,6 @@ class TreeRun:
     def _submit(self, path: Path, lineage: Lineage, *, whole: bool = False) -> None:
         self.builder.num_requests += 1
         request = self._request(path, lineage, whole)
-        if request.segment_seeds:
-            self._whole.add(lineage)
         self._tasks[lineage] = asyncio.ensure_future(self.engine.generate(request))
 
     def _request(self, path: Path, lineage: Lineage, whole: bool) -> GenerateRequest:
