@@ -39,16 +39,17 @@ async def test_tree_vs_sequential_on_a_scripted_engine(script) -> None:
     assert result["efficiency"] == pytest.approx(result["traj_per_s"] * result["decoded_tokens"])
 
 
-def test_ratios_report_forward_passes_and_peak_kv_bytes() -> None:
+def test_ratios_report_forward_passes_and_kv() -> None:
     def stats(passes: int, peak: int) -> RunStats:
         return RunStats(
             trajectories=4, decoded_tokens=10, independent_tokens=10, prefill_tokens=0, cached_tokens=0,
             engine_calls=4, forward_passes=passes, wall_s=1.0, cpu_s=1.0, peak_concurrent_sequences=4,
-            peak_kv_tokens=peak, peak_kv_bytes=8 * peak,
+            peak_kv_tokens=peak, peak_kv_bytes=8 * peak, kv_token_steps=passes * peak,
         )  # fmt: skip
 
     result = ratios(stats(passes=30, peak=50), stats(passes=60, peak=200))
     assert result["forward_passes"] == 0.5 and result["peak_kv_bytes"] == 0.25
+    assert result["kv_token_steps"] == 0.125
 
 
 def test_random_25m_stand_in_has_about_25m_parameters() -> None:

@@ -291,3 +291,21 @@ async def test_whole_path_requests_stay_short(segment: int, longest: int) -> Non
     assert [n.token_ids for n in trees[0].nodes] == [n.token_ids for n in trees[1].nodes]
     assert max(r.max_new_tokens for r in requests[1]) == longest
     assert len(requests[1]) < len(requests[0]) if segment == 40 else len(requests[1]) == len(requests[0])
+
+
+async def test_async_head_starts_take_the_whole_path_once_the_next_level_is_full() -> None:
+    """b * members >= w - F makes the next level full whatever this one gives, so a survivor's first child,
+    sent early by `async`, is an only child from there on: it goes as one whole-path request, and async
+    sends no more requests than sync (before: one extra single-segment request per path)."""
+    params = dict(width=4, branch=2, segment_tokens=8, max_depth=8, init_branch=2)
+    sampling = SamplingParams(max_new_tokens=64)
+    shapes, counts = [], []
+    for schedule in ("sync", "async"):
+        engine = ScriptedEngine(no_eos(), eos_token_id=EOS, segmented=True)
+        tree = await TreeSampler(engine, decode).sample(
+            PROMPT, TreeParams(**params, schedule=schedule), sampling, seed=3
+        )
+        shapes.append([(n.id, n.parent, n.token_ids) for n in tree.nodes])
+        counts.append(len(engine.requests))
+    assert shapes[0] == shapes[1]
+    assert counts == [2 + 4, 2 + 4]  # level 1, then every path of the full level 2 to the end at once

@@ -98,8 +98,13 @@ def bench_sampling(
         typer.Option(help="SGLang server serving --model; default: launch the pinned one (make sglang-env)."),
     ] = None,
     max_total_tokens: Annotated[
-        int, typer.Option(min=64, help="KV budget (tokens) of the SGLang server launched here.")
-    ] = 16384,
+        int | None,
+        typer.Option(
+            min=64,
+            help="KV token budget: of the embedded engine [room for every running row at its longest, so the "
+            "row cap binds] or of the SGLang server launched here [16384].",
+        ),
+    ] = None,
 ) -> None:
     """Tree vs sequential sampling: trajectories/s, tokens/s, decoded tokens, prefix cache, peak KV."""
     import torch
@@ -119,19 +124,19 @@ def bench_sampling(
         if engine == "sglang":
             from treepo.service.bench.sampling_sglang import sglang_engine
 
-            with sglang_engine(model_path, sglang_url, max_total_tokens) as (server, info):
-                bench = _Bench.load(model_path, prompts, width, longest, device, rows, server)
+            with sglang_engine(model_path, sglang_url, max_total_tokens or 16384) as (server, info):
+                bench = _Bench.load(model_path, prompts, width, longest, device, rows, sglang=server)
                 bench.temperature, bench.seed, bench.repeats, bench.median = temperature, seed, repeats, True
                 result = asyncio.run(bench.measure(depth, segment, table, close=True))
             result["config"].update(info, engine="sglang", pick="median")
         else:
-            bench = _Bench.load(model_path, prompts, width, longest, device, rows)
+            bench = _Bench.load(model_path, prompts, width, longest, device, rows, kv_tokens=max_total_tokens)
             bench.temperature, bench.seed, bench.repeats = temperature, seed, repeats
             result = asyncio.run(bench.measure(depth, segment, table))
         parameters = _parameters(model_path)
     result["config"].update(
         model=model or "tiny-arith (shipped)", regime=regime, max_running_rows=rows, parameters=parameters,
-        prompts=prompts, width=width, segment=segment, depth=depth,
+        prompts=prompts, width=width, segment=segment, depth=depth, max_kv_tokens=bench.kv_tokens,
         temperature=temperature, seed=seed, device=device, repeats=repeats, threads=torch.get_num_threads(),
         machine=f"{platform.machine()}, {os.cpu_count()} CPU cores",
     )  # fmt: skip
@@ -150,6 +155,7 @@ class _Bench:
     prompt_ids: list[list[int]]
     width: int
     kv_bytes_per_token: int
+    kv_tokens: int | None  # the embedded engine's KV token budget
     temperature: float = 1.0
     seed: int = 0
     repeats: int = 3
@@ -157,10 +163,11 @@ class _Bench:
 
     @classmethod
     def load(
-        cls, model_path: Path, num_prompts: int, width: int, longest: int, device: str, rows: int,
-        sglang: Any = None,
+        cls, model_path: Path, num_prompts: int, width: int, longest: int, device: str, rows: int, *,
+        kv_tokens: int | None = None, sglang: Any = None,
     ) -> _Bench:  # fmt: skip
-        """An engine with `rows` running rows and KV room for all of them at their longest (or `sglang`)."""
+        """An engine with `rows` running rows and `kv_tokens` of KV (default: room for all of them at their
+        longest), or `sglang`."""
         from transformers import AutoTokenizer
 
         from treepo.service.codec import decoder
@@ -172,13 +179,21 @@ class _Bench:
         if sglang is not None:
             from treepo.service.bench.sampling_sglang import kv_bytes_per_token
 
-            engine, kv_bytes = sglang, kv_bytes_per_token(model_path)
+            engine, kv_bytes = sglang, kv_bytes_per_token(model_path)  # its budget: in `config`
         else:
-            tokens = rows * (max(map(len, prompt_ids)) + longest)
-            engine = EmbeddedEngine(model_path, device=device, max_kv_tokens=tokens, max_running_rows=rows)
+            request = max(map(len, prompt_ids)) + longest
+            if kv_tokens is not None and kv_tokens < request:
+                raise typer.BadParameter(
+                    f"--max-total-tokens {kv_tokens} cannot hold one trajectory (prompt + {longest} tokens = "
+                    f"{request}); raise it to at least {request}"
+                )
+            kv_tokens = kv_tokens or rows * request
+            engine = EmbeddedEngine(model_path, device=device, max_kv_tokens=kv_tokens, max_running_rows=rows)
             kv_bytes = engine.pool.shape.bytes_per_token
 
-        return cls(engine, decoder(tokenizer, skip_special_tokens=True), prompt_ids, width, kv_bytes)
+        return cls(
+            engine, decoder(tokenizer, skip_special_tokens=True), prompt_ids, width, kv_bytes, kv_tokens
+        )
 
     async def run(self, depth: int, segment: int, mode: str, num_prompts: int | None = None) -> RunStats:
         schedule = "async" if mode == "async" else "sync"
@@ -296,11 +311,12 @@ def _print_tables(result: dict[str, Any]) -> None:
     console.print(f"ratios async tree/sequential: {_fmt_dict(result['ratios_async'])}")
     shapes = Table(title="shapes (tree / sequential)")
     columns = ("depth x segment", "schedule", "TrajPS", "TokenPS", "decoded", "efficiency", "Traj/CPU-s")
-    for column in (*columns, "forward passes", "peak KV"):
+    for column in (*columns, "forward passes", "peak KV", "KV x steps"):
         shapes.add_column(column, justify="right")
     keys = ("traj_per_s", "tokens_per_s", "decoded_tokens", "efficiency", "traj_per_cpu_s")
     for row in result["shapes"]:
-        values = (*(_fmt(row[k]) for k in keys), _fmt(row["forward_passes"]), _fmt(row["peak_kv_bytes"]))
+        extra = ("forward_passes", "peak_kv_bytes", "kv_token_steps")
+        values = tuple(_fmt(row[k]) for k in (*keys, *extra))
         shapes.add_row(f"{row['depth']}x{row['segment']}", row["schedule"], *values)
     console.print(shapes)
 

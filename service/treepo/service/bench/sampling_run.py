@@ -28,6 +28,7 @@ class RunStats:
     peak_concurrent_sequences: int
     peak_kv_tokens: int
     peak_kv_bytes: int
+    kv_token_steps: int  # KV slots held, summed over forward steps: the run's memory x time
 
     @property
     def traj_per_s(self) -> float:
@@ -79,8 +80,8 @@ async def run_mode(
 ) -> RunStats:
     """All prompts concurrently, every segment its own request, from a cold prefix cache.
 
-    Peak KV is what the engine measured (embedded engine: slots its running rows held or locked at once);
-    0 for engines that do not report it.
+    Peak KV is what the engine measured (embedded engine: slots its running rows held or locked at once),
+    KV token-steps the same summed over forward steps; 0 for engines that do not report them.
     """
     flush = getattr(engine, "flush_cache", None)
     if flush is not None:
@@ -113,6 +114,7 @@ async def run_mode(
         peak_concurrent_sequences=tracked.peak_in_flight,
         peak_kv_tokens=peak_kv_bytes // kv_bytes_per_token if kv_bytes_per_token else 0,
         peak_kv_bytes=peak_kv_bytes,
+        kv_token_steps=int(getattr(engine, "kv_token_steps", 0)),
     )
 
 
@@ -129,4 +131,5 @@ def ratios(tree: RunStats, sequential: RunStats) -> dict[str, float]:
         "peak_kv_tokens": tree.peak_kv_tokens / max(sequential.peak_kv_tokens, 1),
         "peak_kv_bytes": tree.peak_kv_bytes / max(sequential.peak_kv_bytes, 1),
         "forward_passes": tree.forward_passes / max(sequential.forward_passes, 1),
+        "kv_token_steps": tree.kv_token_steps / max(sequential.kv_token_steps, 1),
     }

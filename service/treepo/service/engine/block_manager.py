@@ -64,6 +64,7 @@ class BlockManager:
         self.num_reserved = 0  # slots promised to running rows and not allocated yet
         self.num_owned = 0  # slots held by running rows outside the tree
         self.peak_active_tokens = 0  # max over steps of slots the running rows hold or lock
+        self.active_token_steps = 0  # sum over steps of the same: memory x time, what a KV budget rations
 
     # Public API
 
@@ -107,7 +108,9 @@ class BlockManager:
         self._write_tables()
         self.num_reserved -= total
         self.num_owned += total
-        self.peak_active_tokens = max(self.peak_active_tokens, self.num_active_tokens)
+        active = self.num_active_tokens
+        self.peak_active_tokens = max(self.peak_active_tokens, active)
+        self.active_token_steps += active
         return int64_tensor(slots)
 
     def cache_input(self, seq: Sequence) -> None:

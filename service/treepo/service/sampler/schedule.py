@@ -97,6 +97,11 @@ class TreeRun:
     async def _run_level(self, members: list[_Member]) -> dict[Lineage, GenerateOutput]:
         """Every member's segment (head starts included); with `async`, survivors' first children go early."""
         whole = self.segmented and self.builder.num_leaves + len(members) == self.tree.width
+        # the next level is full whatever this one gives (budget = w - F once b * members >= w - F), so a
+        # survivor's first child will be an only child from there on
+        next_whole = (
+            self.segmented and self.tree.branch * len(members) >= self.tree.width - self.builder.num_leaves
+        )
         outputs: dict[Lineage, GenerateOutput] = {}
         for member in members:
             if member.lineage in self._ahead:
@@ -110,8 +115,8 @@ class TreeRun:
                 member = waiting.pop(task)
                 del self._tasks[member.lineage]
                 outputs[member.lineage] = output = self._first_segment(member.lineage, task.result())
-                if self.head_start and not whole:  # a full tree's next segments are already requested
-                    self._submit_first_child(member, output)
+                if self.head_start and (*member.lineage, 0) not in self._ahead:  # else already decoded
+                    self._submit_first_child(member, output, whole=next_whole)
         return outputs
 
     def _first_segment(self, lineage: Lineage, output: GenerateOutput) -> GenerateOutput:
@@ -141,12 +146,14 @@ class TreeRun:
             extra=output.extra,
         )
 
-    def _submit_first_child(self, member: _Member, output: GenerateOutput) -> None:
+    def _submit_first_child(self, member: _Member, output: GenerateOutput, *, whole: bool) -> None:
+        """A survivor's first child, sent before its level is complete; with `whole` (the next level is
+        full, so it is an only child from there on) it takes the path's remaining segments at once."""
         outcome = self._outcomes[member.lineage] = self.builder.outcome(member.path, output)
         tokens, _, _, reason = outcome
         if reason is None:  # the same classification `grow` makes when the level is complete
             child = Path(None, member.path.depth + 1, member.path.response_ids + tokens)
-            self._submit(child, (*member.lineage, 0))
+            self._submit(child, (*member.lineage, 0), whole=whole)
 
     def _submit(self, path: Path, lineage: Lineage, *, whole: bool = False) -> None:
         self.builder.num_requests += 1
