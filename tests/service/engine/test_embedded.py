@@ -394,6 +394,7 @@ async def test_peak_kv_counts_a_locked_shared_prefix_once(engine):
     # the shared prefix once + each row's own 3 fed tokens (its last input token and 2 decoded ones)
     assert engine.peak_kv_bytes == (10 + 2 * 3) * per_token
     assert engine.kv_token_steps == (10 + 2) + (10 + 4) + (10 + 6)  # the same, summed over its 3 steps
+    assert engine.peak_running_rows == 2
     assert engine.blocks.num_active_tokens == 0  # nothing held once the rows left
 
 

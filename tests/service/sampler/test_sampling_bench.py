@@ -44,6 +44,7 @@ def test_ratios_report_forward_passes_and_kv() -> None:
         return RunStats(
             trajectories=4, decoded_tokens=10, independent_tokens=10, prefill_tokens=0, cached_tokens=0,
             engine_calls=4, forward_passes=passes, wall_s=1.0, cpu_s=1.0, peak_concurrent_sequences=4,
+            peak_running_rows=4,
             peak_kv_tokens=peak, peak_kv_bytes=8 * peak, kv_token_steps=passes * peak,
         )  # fmt: skip
 

@@ -43,8 +43,8 @@ RANDOM_25M_SHAPE = {
 }
 RUN_KEYS = (
     "trajectories", "decoded_tokens", "prefill_tokens", "cached_tokens", "wall_s", "cpu_s", "traj_per_s",
-    "tokens_per_s", "peak_concurrent_sequences", "peak_kv_tokens", "peak_kv_bytes", "engine_calls",
-    "forward_passes",
+    "tokens_per_s", "peak_concurrent_sequences", "peak_running_rows", "peak_kv_tokens", "peak_kv_bytes",
+    "engine_calls", "forward_passes",
 )  # fmt: skip
 
 
@@ -237,7 +237,9 @@ class _Bench:
                              "tree_forward_passes": tree.forward_passes,
                              "sequential_forward_passes": sequential.forward_passes,
                              "tree_peak_kv_bytes": tree.peak_kv_bytes,
-                             "sequential_peak_kv_bytes": sequential.peak_kv_bytes})  # fmt: skip
+                             "sequential_peak_kv_bytes": sequential.peak_kv_bytes,
+                             "tree_peak_running_rows": tree.peak_running_rows,
+                             "sequential_peak_running_rows": sequential.peak_running_rows})  # fmt: skip
         return {
             "config": {"kv_bytes_per_token": self.kv_bytes_per_token},
             "tree": default["sync"].to_dict(),

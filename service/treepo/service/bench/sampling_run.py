@@ -25,7 +25,8 @@ class RunStats:
     forward_passes: int  # engine model steps (embedded engine; 0 for others)
     wall_s: float
     cpu_s: float  # process CPU time (all threads): steadier than wall time on a shared machine
-    peak_concurrent_sequences: int
+    peak_concurrent_sequences: int  # requests in flight at once (offered to the engine)
+    peak_running_rows: int  # rows the engine ran in one step (what its row cap or KV budget let in)
     peak_kv_tokens: int
     peak_kv_bytes: int
     kv_token_steps: int  # KV slots held, summed over forward steps: the run's memory x time
@@ -112,6 +113,7 @@ async def run_mode(
         wall_s=wall,
         cpu_s=cpu,
         peak_concurrent_sequences=tracked.peak_in_flight,
+        peak_running_rows=int(getattr(engine, "peak_running_rows", 0)),
         peak_kv_tokens=peak_kv_bytes // kv_bytes_per_token if kv_bytes_per_token else 0,
         peak_kv_bytes=peak_kv_bytes,
         kv_token_steps=int(getattr(engine, "kv_token_steps", 0)),

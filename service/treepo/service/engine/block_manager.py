@@ -65,6 +65,7 @@ class BlockManager:
         self.num_owned = 0  # slots held by running rows outside the tree
         self.peak_active_tokens = 0  # max over steps of slots the running rows hold or lock
         self.active_token_steps = 0  # sum over steps of the same: memory x time, what a KV budget rations
+        self.peak_rows = 0  # max over steps of running rows (under a KV budget: how many paths it fits)
 
     # Public API
 
@@ -111,6 +112,7 @@ class BlockManager:
         active = self.num_active_tokens
         self.peak_active_tokens = max(self.peak_active_tokens, active)
         self.active_token_steps += active
+        self.peak_rows = max(self.peak_rows, len(rows))
         return int64_tensor(slots)
 
     def cache_input(self, seq: Sequence) -> None:

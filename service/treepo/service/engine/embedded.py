@@ -190,12 +190,17 @@ class EmbeddedEngine:
 
     def reset_peaks(self) -> None:
         """Start a new peak-KV measurement (benchmarks, between runs)."""
-        self.blocks.peak_active_tokens = self.blocks.active_token_steps = 0
+        self.blocks.peak_active_tokens = self.blocks.active_token_steps = self.blocks.peak_rows = 0
 
     @property
     def peak_kv_bytes(self) -> int:
         """Most KV bytes the running rows held at once (locked cached prefixes + their own tokens)."""
         return self.blocks.peak_active_tokens * self.blocks.pool.shape.bytes_per_token
+
+    @property
+    def peak_running_rows(self) -> int:
+        """Most rows one forward step ran since `reset_peaks`."""
+        return self.blocks.peak_rows
 
     @property
     def kv_token_steps(self) -> int:

@@ -19,6 +19,7 @@ segment with the seed its own request would have had: the same tokens, a fractio
 levels are still decided one by one from the segments; segments decoded past a path's stop are counted as
 decoded, not kept. A request spans at most WHOLE_PATH_TOKENS: the engine reserves KV for all of its tokens
 when it admits it, and a few short segments already amortize a request's cost (long segments: no change).
+An `async` head start is whole-path as soon as the next level is sure to be full (b * paths >= w - F).
 """
 
 from __future__ import annotations
