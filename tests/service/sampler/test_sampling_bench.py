@@ -72,3 +72,14 @@ def test_bench_sampling_rejects_an_unknown_regime() -> None:
 
     result = CliRunner().invoke(app, ["bench", "sampling", "--regime", "fast"], env={"COLUMNS": "300"})
     assert result.exit_code == 2 and "throughput, latency" in result.output
+
+
+def test_bench_sampling_rejects_a_kv_budget_smaller_than_one_trajectory() -> None:
+    from typer.testing import CliRunner
+
+    from treepo.service.cli import app
+
+    args = ["bench", "sampling", "--max-total-tokens", "64", "--repeats", "1", "--shapes", ""]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and "cannot hold one trajectory" in result.output
+    assert "raise it to at least" in result.output
