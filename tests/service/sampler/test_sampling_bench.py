@@ -79,7 +79,7 @@ def test_bench_sampling_rejects_a_kv_budget_smaller_than_one_trajectory() -> Non
 
     from treepo.service.cli import app
 
-    args = ["bench", "sampling", "--max-total-tokens", "64", "--repeats", "1", "--shapes", ""]
+    args = ["bench", "sampling", "--max-kv-tokens", "64", "--repeats", "1", "--shapes", ""]
     result = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
     assert result.exit_code == 2 and "cannot hold one trajectory" in result.output
     assert "raise it to at least" in result.output

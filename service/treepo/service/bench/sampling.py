@@ -97,9 +97,11 @@ def bench_sampling(
         str | None,
         typer.Option(help="SGLang server serving --model; default: launch the pinned one (make sglang-env)."),
     ] = None,
-    max_total_tokens: Annotated[
+    max_kv_tokens: Annotated[
         int | None,
         typer.Option(
+            "--max-kv-tokens",
+            "--max-total-tokens",  # SGLang's name for it
             min=64,
             help="KV token budget: of the embedded engine [room for every running row at its longest, so the "
             "row cap binds] or of the SGLang server launched here [16384].",
@@ -124,13 +126,13 @@ def bench_sampling(
         if engine == "sglang":
             from treepo.service.bench.sampling_sglang import sglang_engine
 
-            with sglang_engine(model_path, sglang_url, max_total_tokens or 16384) as (server, info):
+            with sglang_engine(model_path, sglang_url, max_kv_tokens or 16384) as (server, info):
                 bench = _Bench.load(model_path, prompts, width, longest, device, rows, sglang=server)
                 bench.temperature, bench.seed, bench.repeats, bench.median = temperature, seed, repeats, True
                 result = asyncio.run(bench.measure(depth, segment, table, close=True))
             result["config"].update(info, engine="sglang", pick="median")
         else:
-            bench = _Bench.load(model_path, prompts, width, longest, device, rows, kv_tokens=max_total_tokens)
+            bench = _Bench.load(model_path, prompts, width, longest, device, rows, kv_tokens=max_kv_tokens)
             bench.temperature, bench.seed, bench.repeats = temperature, seed, repeats
             result = asyncio.run(bench.measure(depth, segment, table))
         parameters = _parameters(model_path)
@@ -184,7 +186,7 @@ class _Bench:
             request = max(map(len, prompt_ids)) + longest
             if kv_tokens is not None and kv_tokens < request:
                 raise typer.BadParameter(
-                    f"--max-total-tokens {kv_tokens} cannot hold one trajectory (prompt + {longest} tokens = "
+                    f"--max-kv-tokens {kv_tokens} cannot hold one trajectory (prompt + {longest} tokens = "
                     f"{request}); raise it to at least {request}"
                 )
             kv_tokens = kv_tokens or rows * request
