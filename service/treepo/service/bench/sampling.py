@@ -317,11 +317,10 @@ def _print_tables(result: dict[str, Any]) -> None:
     columns = ("depth x segment", "schedule", "TrajPS", "TokenPS", "decoded", "efficiency", "Traj/CPU-s")
     for column in (*columns, "forward passes", "peak KV", "KV x steps"):
         shapes.add_column(column, justify="right")
-    keys = ("traj_per_s", "tokens_per_s", "decoded_tokens", "efficiency", "traj_per_cpu_s")
+    keys = ("traj_per_s", "tokens_per_s", "decoded_tokens", "efficiency", "traj_per_cpu_s", "forward_passes",
+            "peak_kv_bytes", "kv_token_steps")  # fmt: skip
     for row in result["shapes"]:
-        extra = ("forward_passes", "peak_kv_bytes", "kv_token_steps")
-        values = tuple(_fmt(row[k]) for k in (*keys, *extra))
-        shapes.add_row(f"{row['depth']}x{row['segment']}", row["schedule"], *values)
+        shapes.add_row(f"{row['depth']}x{row['segment']}", row["schedule"], *(_fmt(row[k]) for k in keys))
     console.print(shapes)
 
 

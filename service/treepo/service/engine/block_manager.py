@@ -149,6 +149,10 @@ class BlockManager:
         self._stopped.clear()
         self._stopped_tokens = 0
 
+    def reset_measures(self) -> None:
+        """Start new peak / sum measurements (benchmarks, between runs)."""
+        self.peak_active_tokens = self.active_token_steps = self.peak_rows = 0
+
     @property
     def num_active_tokens(self) -> int:
         """Slots the running rows use now: locked cached prefixes + their own computed tokens."""

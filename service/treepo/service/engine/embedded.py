@@ -190,7 +190,7 @@ class EmbeddedEngine:
 
     def reset_peaks(self) -> None:
         """Start a new peak-KV measurement (benchmarks, between runs)."""
-        self.blocks.peak_active_tokens = self.blocks.active_token_steps = self.blocks.peak_rows = 0
+        self.blocks.reset_measures()
 
     @property
     def peak_kv_bytes(self) -> int:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from treepo.client.schema import SamplingParams, TreeParams
 from treepo.service.engine.protocol import Engine, GenerateOutput, GenerateRequest
@@ -137,15 +137,7 @@ class TreeRun:
                 prefill_tokens=0,
                 policy_version=output.policy_version,
             )
-        return GenerateOutput(
-            output_ids=pieces[0],
-            logprobs=output.logprobs[:size],
-            finish_reason=output.finish_reason if len(pieces) == 1 else "length",
-            cached_tokens=output.cached_tokens,
-            prefill_tokens=output.prefill_tokens,
-            policy_version=output.policy_version,
-            extra=output.extra,
-        )
+        return replace(output, output_ids=pieces[0], logprobs=output.logprobs[:size], finish_reason="length")
 
     def _submit_first_child(self, member: _Member, output: GenerateOutput, *, whole: bool) -> None:
         """A survivor's first child, sent before its level is complete; with `whole` (the next level is
@@ -167,7 +159,7 @@ class TreeRun:
         assert room >= 1, f"a live path has no room left: {room=}"
         input_ids = self.builder.prompt_ids + path.response_ids
         size = self.tree.segment_tokens
-        label = ".".join(map(str, lineage))
+        label = _label(lineage)
         left = max(1, self.tree.max_depth - path.depth)  # segments until the depth limit, this one included
         segments = min(left, max(1, WHOLE_PATH_TOKENS // size)) if whole else 1
         max_new = min(size * segments, room)
@@ -175,9 +167,9 @@ class TreeRun:
             return make_request(
                 self.sampling, input_ids, min(size, room), self.base_seed, label, self.builder.priority
             )
+        # segment j is the j-th only child's: the seed its own request would have (make_request's)
         seeds = tuple(
-            derive_seed(self.base_seed, ".".join(map(str, (*lineage, *(0,) * j))))
-            for j in range(-(-max_new // size))
+            derive_seed(self.base_seed, _label((*lineage, *(0,) * j))) for j in range(-(-max_new // size))
         )
         return make_request(
             self.sampling, input_ids, max_new, self.base_seed, label, self.builder.priority,
@@ -214,3 +206,8 @@ class TreeRun:
         return [
             _Member(path, (origin, i)) for i, path in enumerate(reopen(self.builder, self.tree, self.rng))
         ]
+
+
+def _label(lineage: Lineage) -> str:
+    """A path's request label, from which its seed derives: "0.1.0" for the prompt's 2nd child's 1st child."""
+    return ".".join(map(str, lineage))
