@@ -105,9 +105,9 @@ async def test_nodes_in_use_are_not_evicted_mid_batch(tiny_model_path, reference
     seen_protected = []
     original = engine.radix.evict
 
-    def watching_evict(num_tokens: int) -> int:
+    def watching_evict(num_tokens: int, **kwargs) -> int:
         seen_protected.append(engine.radix.protected_size)
-        freed = original(num_tokens)
+        freed = original(num_tokens, **kwargs)
         assert engine.radix.match_prefix(long_prompt).length >= 19  # the locked prefix is still there
         return freed
 

@@ -10,7 +10,7 @@ class FakeSlots:
     """Admits while `capacity` slots last; records releases."""
 
     def __init__(self, capacity: int) -> None:
-        self.capacity, self.released, self.cached = capacity, [], []
+        self.capacity, self.released, self.cached, self.present = capacity, [], [], set()
 
     def try_admit(self, seq: Sequence) -> bool:
         if seq.max_slots > self.capacity:
@@ -24,6 +24,12 @@ class FakeSlots:
     def release(self, seq: Sequence) -> None:
         self.capacity += seq.max_slots
         self.released.append(seq.seq_id)
+
+    def arrive(self, seq: Sequence) -> None:
+        self.present.add(seq.seq_id)
+
+    def leave(self, seq: Sequence) -> None:
+        self.present.remove(seq.seq_id)
 
 
 def row(ids: list[int], max_new_tokens: int = 2) -> Sequence:

@@ -12,6 +12,13 @@ tensor is written once per step with every change since the last one. A tensor o
 the GIL to the event loop (the tree sampler) and wait to get it back: measured 30-90 us per op while the
 loop is busy, against ~1 us for the list operation.
 
+A row stopped at its length whose caller flagged it `keep_cached` (a tree segment below the depth limit:
+its children will follow once the tree's level is decided) is held for its priority: while that priority
+still has requests in the engine (or left it within HOLD_GRACE_STEPS steps: its next ones are on their
+way), newer-priority rows may not count on evicting it to be admitted, and eviction takes it last. Without
+this, rows of a newer tree admitted while an older tree waits for its level evict the older tree's paths,
+which are then prefilled again.
+
 A request that continues a row which just stopped (the tree sampler's next segment: the row's tokens plus
 the one it sampled) finds that row's tree node and slots in a small index of stopped rows instead of walking
 the radix tree edge by edge and joining the edges' slots: most of a tree's requests are such continuations.
@@ -20,7 +27,7 @@ the radix tree edge by edge and joining the edges' slots: most of a tree's reque
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 import torch
 
@@ -32,6 +39,7 @@ from treepo.service.engine.sequence import Sequence
 logger = logging.getLogger(__name__)
 
 STOPPED_TOKENS_PER_SLOT = 2  # the stopped-row index holds up to this many tokens per KV slot of the budget
+HOLD_GRACE_STEPS = 8  # a priority's held rows stay held this many steps after its last request left
 
 
 class BlockManager:
@@ -61,6 +69,10 @@ class BlockManager:
         self._stopped_tokens = 0  # tokens over the index's entries (each entry: its tokens and its slots)
         self._max_stopped_tokens = STOPPED_TOKENS_PER_SLOT * capacity  # memory bounded by the KV budget
         self._writes: list[tuple[int, int, list[int] | tuple[int, ...]]] = []  # (line, column, slots) due
+        self._step = 0  # forward steps so far
+        self._present: Counter[int] = Counter()  # priority -> its requests in the engine (waiting or running)
+        self._left_at: dict[int, int] = {}  # priority -> the step its last request left
+        self._held: dict[TreeNode, int] = {}  # a stopped row's node, kept for its continuation -> priority
         self.num_reserved = 0  # slots promised to running rows and not allocated yet
         self.num_owned = 0  # slots held by running rows outside the tree
         self.peak_active_tokens = 0  # max over steps of slots the running rows hold or lock
@@ -75,7 +87,10 @@ class BlockManager:
         cached = min(len(slots), seq.num_input_tokens - 1)  # one input token computed: its logits
         self.radix.inc_lock_ref(node)
         need = seq.max_slots - cached
-        if need > self.pool.num_free + self.radix.evictable_size - self.num_reserved:
+        room = self.pool.num_free + self.radix.evictable_size - self.num_reserved
+        if need > self.pool.num_free - self.num_reserved and self._row_slots:  # it would evict: not what
+            room -= self._held_before(seq.priority)  # older work keeps (none running: nothing would free)
+        if need > room:
             self.radix.dec_lock_ref(node)
             return False
         assert self._free_rows and seq.max_slots <= self.slot_table.shape[1], f"{seq.max_slots=}"
@@ -94,8 +109,11 @@ class BlockManager:
     def allocate_step(self, rows: list[Sequence]) -> torch.Tensor:
         """Slots for every token fed this step, (sum of num_scheduled,) in row order; tables written."""
         total = sum(seq.num_scheduled for seq in rows)
+        self._step += 1
+        if self._step % HOLD_GRACE_STEPS == 0:
+            self._forget_holds()
         if self.pool.num_free < total:
-            self.radix.evict(total - self.pool.num_free)
+            self.radix.evict(total - self.pool.num_free, hold=self._hold_rank)
         slots = self.pool.alloc(total)
         assert slots is not None, f"{total=} {self.pool.num_free=} {self.num_reserved=}"
         start = 0
@@ -128,10 +146,15 @@ class BlockManager:
         """The row stopped (finished or aborted): cache what it computed, free the rest, unlock."""
         seq_id = seq.seq_id
         computed = seq.num_computed
+        node = None
         if computed > self._tree_length[seq_id]:
-            self._remember(seq, self._insert(seq, computed))
+            node = self._insert(seq, computed)
         elif computed and computed == self._locked_length[seq_id]:
-            self._remember(seq, self._locked[seq_id])
+            node = self._locked[seq_id]
+        if node is not None:
+            self._remember(seq, node)
+            if seq.keep_cached and seq.finish_reason == "length":
+                self._held[node] = seq.priority
         row_slots = self._row_slots.pop(seq_id)
         if len(row_slots) > computed:  # a failed step's slots
             self.pool.free(row_slots[computed:])
@@ -141,6 +164,18 @@ class BlockManager:
         self.num_reserved -= seq.max_slots - len(row_slots)
         self._free_rows.append(self.table_row.pop(seq_id))
 
+    def arrive(self, seq: Sequence) -> None:
+        """A request entered the engine (waiting): its priority has work here."""
+        self._present[seq.priority] += 1
+
+    def leave(self, seq: Sequence) -> None:
+        """A request left the engine (finished or aborted, waiting or running)."""
+        priority = seq.priority
+        self._present[priority] -= 1
+        if not self._present[priority]:
+            del self._present[priority]
+            self._left_at[priority] = self._step
+
     def flush(self) -> None:
         """Drop the whole prefix cache (after a weight update); no row may be running."""
         assert not self._row_slots and self.radix.protected_size == 0, f"{len(self._row_slots)=}"
@@ -148,6 +183,7 @@ class BlockManager:
         self.pool.clear()
         self._stopped.clear()
         self._stopped_tokens = 0
+        self._held.clear()
 
     def reset_measures(self) -> None:
         """Start new peak / sum measurements (benchmarks, between runs)."""
@@ -182,6 +218,33 @@ class BlockManager:
                 return hit
         match = self.radix.match_prefix(seq.token_ids)
         return match.last_node, match.indices
+
+    def _is_live(self, priority: int) -> bool:
+        """Whether work of this priority is in the engine or just left it (its next requests may follow)."""
+        left = self._left_at.get(priority)
+        return priority in self._present or (left is not None and self._step - left <= HOLD_GRACE_STEPS)
+
+    def _hold_rank(self, leaf: TreeNode) -> int | None:
+        """The priority a leaf is held for (eviction takes it last), or None."""
+        priority = self._held.get(leaf)
+        return priority if priority is not None and self._is_live(priority) else None
+
+    def _held_before(self, priority: int) -> int:
+        """Evictable tokens held for live work older than `priority` (a newer row may not count on them)."""
+        return sum(
+            len(node.key)
+            for node, owner in self._held.items()
+            if owner < priority and node.lock_ref == 0 and node.parent is not None and self._is_live(owner)
+        )
+
+    def _forget_holds(self) -> None:
+        """Drop holds whose node left the tree or grew children, or whose priority's work is over."""
+        self._held = {
+            node: owner
+            for node, owner in self._held.items()
+            if node.parent is not None and node.is_leaf and self._is_live(owner)
+        }
+        self._left_at = {p: step for p, step in self._left_at.items() if self._step - step <= HOLD_GRACE_STEPS}
 
     def _remember(self, seq: Sequence, node: TreeNode) -> None:
         """Index a stopping row's computed tokens (all in the tree now) for a request continuing it."""

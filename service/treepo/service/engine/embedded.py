@@ -334,6 +334,7 @@ class EmbeddedEngine:
             seed=as_int64(request.seed) if request.seed is not None else secrets.randbits(63),
             deliver=deliver,
             priority=request.priority,
+            keep_cached=request.keep_cached,
             segment_seeds=tuple(as_int64(seed) for seed in request.segment_seeds),
             segment_tokens=request.segment_tokens,
         )

@@ -22,6 +22,10 @@ class GenerateRequest:
     # Lower runs first (a hint; engines may ignore it). A tree's requests share its start order, so the
     # engine finishes the trees it started, whose prefixes are cached, before it starts new ones.
     priority: int = 0
+    # The caller will probably continue this request's output (a tree segment before the depth limit): the
+    # engine keeps it cached ahead of newer-priority work while this priority has requests in the engine.
+    # A hint, as `priority`; engines may ignore it.
+    keep_cached: bool = False
     # Several segments in one request (engines with `supports_segment_seeds`): output token k is drawn as
     # token k % segment_tokens of a request seeded segment_seeds[k // segment_tokens] that continues the
     # tokens before it, so the output equals that of one request per segment; `seed` is then unused.

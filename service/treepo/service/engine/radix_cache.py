@@ -4,7 +4,8 @@ Each edge holds a run of token ids (`key`) and the KV-pool slot of each of those
 tuples of ints (plain Python: a request's walk, insert and eviction run no tensor op).
 A path root -> node spells a cached token sequence; its KV lives in the concatenated slots. Nodes in use by
 a running batch are locked (`inc_lock_ref` locks the whole path to the root) and never evicted; unlocked
-leaves are evicted least recently used first, and their slots handed to `on_evict` (the pool's free list).
+leaves are evicted least recently used first (leaves the caller holds for expected work last), and their
+slots handed to `on_evict` (the pool's free list).
 Eviction pops a heap of candidate leaves (pushed when a leaf appears or is unlocked; entries made stale by
 a later access or lock are re-checked when popped), so it never scans the whole tree.
 """
@@ -143,21 +144,37 @@ class RadixCache:
                     self._push(node)
             node = node.parent
 
-    def evict(self, num_tokens: int) -> int:
-        """Free >= `num_tokens` tokens of unlocked leaves, least recently used first; returns the count."""
+    def evict(self, num_tokens: int, hold: Callable[[TreeNode], int | None] | None = None) -> int:
+        """Free >= `num_tokens` tokens of unlocked leaves, least recently used first; returns the count.
+
+        Leaves `hold` gives a rank (the priority of work expected to continue them) go only when no other
+        leaf is left, the highest rank (the newest work) first.
+        """
         freed = 0
-        while freed < num_tokens and self._heap:
-            access, _, leaf = heapq.heappop(self._heap)
-            if leaf.parent is None or not leaf.is_leaf or leaf.lock_ref > 0:
-                continue  # removed, grown or locked since it was pushed
-            if access < leaf.last_access:
-                self._push(leaf)  # used since: back in line at its new time
-                continue
+        held: list[tuple[int, int, TreeNode, int]] = []  # (last_access, tiebreak, leaf, rank), set aside
+        while freed < num_tokens:
+            if self._heap:
+                access, tiebreak, leaf = heapq.heappop(self._heap)
+                if leaf.parent is None or not leaf.is_leaf or leaf.lock_ref > 0:
+                    continue  # removed, grown or locked since it was pushed
+                if access < leaf.last_access:
+                    self._push(leaf)  # used since: back in line at its new time
+                    continue
+                if hold is not None and (rank := hold(leaf)) is not None:
+                    held.append((access, tiebreak, leaf, rank))
+                    continue
+            elif held:
+                newest = max(range(len(held)), key=lambda i: (held[i][3], -held[i][0]))
+                leaf = held.pop(newest)[2]
+            else:
+                break
             freed += self._remove_leaf(leaf)
             parent = leaf.parent
             leaf.parent = None
             if parent is not self.root and parent.is_leaf and parent.lock_ref == 0:
                 self._push(parent)
+        for access, tiebreak, leaf, _ in held:
+            heapq.heappush(self._heap, (access, tiebreak, leaf))
         if freed:
             logger.debug("evicted %d tokens", freed)
         return freed

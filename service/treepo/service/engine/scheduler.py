@@ -5,7 +5,8 @@ still prefilling. Waiting requests join at any step boundary while the running-r
 budget and the KV token budget (asked of the block manager) allow; finished rows leave at once. They join
 in priority order (lower first, then arrival): the tree sampler gives a tree's requests its start order, so
 the rows of trees already started, whose paths' prefixes sit in the cache, go before a new tree's first
-ones and those prefixes are not evicted while their tree waits for its level.
+ones and those prefixes are not evicted while their tree waits for its level. The slot manager hears of
+every row that arrives and leaves, so it knows which priorities still have work in the engine.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ class SlotManager(Protocol):
     def cache_input(self, seq: Sequence) -> None: ...
 
     def release(self, seq: Sequence) -> None: ...
+
+    def arrive(self, seq: Sequence) -> None: ...
+
+    def leave(self, seq: Sequence) -> None: ...
 
 
 @dataclass(slots=True)
@@ -56,6 +61,7 @@ class Scheduler:
     # Public API
 
     def add(self, seq: Sequence) -> None:
+        self.slots.arrive(seq)
         heapq.heappush(self._waiting, (seq.priority, seq.seq_id, seq))
 
     @property
@@ -70,11 +76,13 @@ class Scheduler:
                 self._waiting[i] = self._waiting[-1]
                 self._waiting.pop()
                 heapq.heapify(self._waiting)
+                self.slots.leave(seq)
                 return seq
         for seq in self.running:
             if seq.seq_id == seq_id:
                 self.running.remove(seq)
                 self.slots.release(seq)
+                self.slots.leave(seq)
                 return seq
         return None
 
@@ -109,6 +117,7 @@ class Scheduler:
         for seq in finished:
             self.running.remove(seq)
             self.slots.release(seq)
+            self.slots.leave(seq)
         return finished
 
     # Internal helpers

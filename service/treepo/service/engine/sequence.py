@@ -24,6 +24,7 @@ class Sequence:
     deliver: Callable[[Any], None] = lambda result: None  # called once, from the worker, with the result
     seq_id: int = field(default_factory=lambda: next(_ids))
     priority: int = 0  # lower is admitted first; ties in arrival order
+    keep_cached: bool = False  # its output will probably be continued (see GenerateRequest)
     segment_seeds: tuple[int, ...] = ()  # one seed per segment of `segment_tokens` (see GenerateRequest)
     segment_tokens: int = 0
     num_input_tokens: int = 0

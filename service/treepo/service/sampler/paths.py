@@ -29,6 +29,7 @@ def make_request(
     priority: int = 0,
     segment_seeds: tuple[int, ...] = (),
     segment_tokens: int = 0,
+    keep_cached: bool = False,
 ) -> GenerateRequest:
     """One engine request of a tree or of the sequential baseline, seeded from (tree seed, path label)."""
     return GenerateRequest(
@@ -40,6 +41,7 @@ def make_request(
         seed=derive_seed(base_seed, label),
         stop_token_ids=tuple(sampling.stop_token_ids),
         priority=priority,
+        keep_cached=keep_cached,
         segment_seeds=segment_seeds,
         segment_tokens=segment_tokens,
     )

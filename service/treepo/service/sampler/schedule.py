@@ -163,17 +163,19 @@ class TreeRun:
         left = max(1, self.tree.max_depth - path.depth)  # segments until the depth limit, this one included
         segments = min(left, max(1, WHOLE_PATH_TOKENS // size)) if whole else 1
         max_new = min(size * segments, room)
+        continued = segments < left and max_new < room  # children may follow: the engine keeps it cached
         if segments == 1 or max_new <= size:
             return make_request(
-                self.sampling, input_ids, min(size, room), self.base_seed, label, self.builder.priority
-            )
+                self.sampling, input_ids, min(size, room), self.base_seed, label, self.builder.priority,
+                keep_cached=continued,
+            )  # fmt: skip
         # segment j is the j-th only child's: the seed its own request would have (make_request's)
         seeds = tuple(
             derive_seed(self.base_seed, _label((*lineage, *(0,) * j))) for j in range(-(-max_new // size))
         )
         return make_request(
             self.sampling, input_ids, max_new, self.base_seed, label, self.builder.priority,
-            segment_seeds=seeds, segment_tokens=size,
+            segment_seeds=seeds, segment_tokens=size, keep_cached=continued,
         )  # fmt: skip
 
     def _next_level(self, members: list[_Member], outputs: dict[Lineage, GenerateOutput]) -> list[_Member]:
