@@ -244,7 +244,9 @@ class BlockManager:
             for node, owner in self._held.items()
             if node.parent is not None and node.is_leaf and self._is_live(owner)
         }
-        self._left_at = {p: step for p, step in self._left_at.items() if self._step - step <= HOLD_GRACE_STEPS}
+        self._left_at = {
+            p: step for p, step in self._left_at.items() if self._step - step <= HOLD_GRACE_STEPS
+        }
 
     def _remember(self, seq: Sequence, node: TreeNode) -> None:
         """Index a stopping row's computed tokens (all in the tree now) for a request continuing it."""
