@@ -86,6 +86,26 @@ class TestRadixCache:
         assert freed == [[3, 4], [5, 6], [1, 2]]
         assert cache.total_size == 0 and edges(cache) == []
 
+    def test_evict_takes_held_leaves_last_the_newest_rank_first(self):
+        freed: list[list[int]] = []
+        cache = RadixCache(on_evict=lambda s: freed.append(list(s)))
+        _, old_tree = cache.insert_node([1, 2], slots(1, 2))  # oldest access, held for rank 0
+        _, new_tree = cache.insert_node([3, 4], slots(3, 2))  # held for rank 5
+        cache.insert([5, 6], slots(5, 2))  # newest access, held for nothing
+        ranks = {old_tree: 0, new_tree: 5}
+        assert cache.evict(1, hold=ranks.get) == 2 and freed == [[5, 6]]
+        assert cache.evict(1, hold=ranks.get) == 2 and freed[-1] == [3, 4]  # the newer work's first
+        assert cache.evict(1, hold=ranks.get) == 2 and freed[-1] == [1, 2]
+        assert cache.total_size == 0
+
+    def test_held_leaves_set_aside_stay_evictable(self):
+        freed: list[list[int]] = []
+        cache = RadixCache(on_evict=lambda s: freed.append(list(s)))
+        _, held = cache.insert_node([1, 2], slots(1, 2))
+        cache.insert([3, 4], slots(3, 2))
+        assert cache.evict(1, hold={held: 0}.get) == 2 and freed == [[3, 4]]
+        assert cache.evict(1) == 2 and freed[-1] == [1, 2]  # without the hold: plain LRU again
+
     def test_evict_climbs_to_parents_that_become_leaves(self):
         freed: list[list[int]] = []
         cache = RadixCache(on_evict=lambda s: freed.append(list(s)))

@@ -1,4 +1,7 @@
-"""Many trees on one embedded engine under a tight KV budget: started trees keep their paths cached."""
+"""Many trees on one embedded engine under a tight KV budget: started trees keep their paths cached.
+
+Two mechanisms: admission by tree age (older trees' requests first) and the hold on a tree's stopped
+segments (newer trees' rows may not evict them while the tree waits for its level)."""
 
 from __future__ import annotations
 
@@ -39,7 +42,9 @@ async def test_started_trees_go_first_so_waiting_paths_are_not_evicted_and_recom
     tiny_model_path, monkeypatch
 ):
     prefill, floor = await _prefill_and_floor(tiny_model_path)
-    assert prefill <= 2.5 * floor  # measured 1.8x (timing moves it a little)
+    # measured 1.14-1.44x (80 runs, half beside a busy core); 1.8-2.5x without the hold, which a newer tree's
+    # rows, admitted while this tree's level waited for the event loop, evicted
+    assert prefill <= 1.7 * floor
     # the same trees admitted in arrival order only: paths waiting for their level are evicted and prefilled again
     monkeypatch.setattr("treepo.service.sampler.tree._start_order", itertools.repeat(0))
     arrival_prefill, arrival_floor = await _prefill_and_floor(tiny_model_path)

@@ -151,7 +151,7 @@ class RadixCache:
         leaf is left, the highest rank (the newest work) first.
         """
         freed = 0
-        held: list[tuple[int, int, TreeNode, int]] = []  # (last_access, tiebreak, leaf, rank), set aside
+        held: dict[TreeNode, tuple[int, int, int]] = {}  # leaf set aside -> (rank, last_access, tiebreak)
         while freed < num_tokens:
             if self._heap:
                 access, tiebreak, leaf = heapq.heappop(self._heap)
@@ -161,11 +161,11 @@ class RadixCache:
                     self._push(leaf)  # used since: back in line at its new time
                     continue
                 if hold is not None and (rank := hold(leaf)) is not None:
-                    held.append((access, tiebreak, leaf, rank))
+                    held[leaf] = (rank, access, tiebreak)  # (a leaf can have several entries)
                     continue
             elif held:
-                newest = max(range(len(held)), key=lambda i: (held[i][3], -held[i][0]))
-                leaf = held.pop(newest)[2]
+                leaf = max(held, key=lambda node: (held[node][0], -held[node][1]))
+                del held[leaf]
             else:
                 break
             freed += self._remove_leaf(leaf)
@@ -173,7 +173,7 @@ class RadixCache:
             leaf.parent = None
             if parent is not self.root and parent.is_leaf and parent.lock_ref == 0:
                 self._push(parent)
-        for access, tiebreak, leaf, _ in held:
+        for leaf, (_, access, tiebreak) in held.items():
             heapq.heappush(self._heap, (access, tiebreak, leaf))
         if freed:
             logger.debug("evicted %d tokens", freed)
