@@ -82,11 +82,11 @@ class TestScheduler:
         scheduler.schedule()
         assert scheduler.abort(seq.seq_id) is seq and slots.released == [seq.seq_id]
         assert scheduler.is_idle and scheduler.abort(seq.seq_id) is None
+        assert not slots.present  # the slot manager heard it leave (it keeps per-priority work counts)
 
     def test_lower_priority_values_join_first_then_arrival_order(self):
-        scheduler = Scheduler(
-            FakeSlots(capacity=100), SchedulerConfig(max_running_rows=2, max_step_tokens=64)
-        )
+        slots = FakeSlots(capacity=100)
+        scheduler = Scheduler(slots, SchedulerConfig(max_running_rows=2, max_step_tokens=64))
         new_tree = [row([30 + i, 1]) for i in range(2)]
         old_tree = [row([40 + i, 1]) for i in range(2)]
         for seq in new_tree:
@@ -97,6 +97,7 @@ class TestScheduler:
             scheduler.add(seq)
         assert scheduler.schedule() == old_tree and scheduler.waiting == new_tree
         assert scheduler.abort(new_tree[0].seq_id) is new_tree[0] and scheduler.waiting == new_tree[1:]
+        assert slots.present == {seq.seq_id for seq in [*old_tree, new_tree[1]]}  # waiting and running
 
     def test_a_one_token_input_tail_is_not_cached_before_the_row_ends(self):
         slots = FakeSlots(capacity=100)

@@ -309,3 +309,23 @@ async def test_async_head_starts_take_the_whole_path_once_the_next_level_is_full
         counts.append(len(engine.requests))
     assert shapes[0] == shapes[1]
     assert counts == [2 + 4, 2 + 4]  # level 1, then every path of the full level 2 to the end at once
+
+
+@pytest.mark.parametrize("segmented", [False, True])
+@pytest.mark.parametrize("max_new_tokens", [40, 64])  # the token budget ends paths / the depth limit (48)
+async def test_requests_ask_the_engine_to_keep_exactly_the_segments_that_may_be_continued(
+    segmented: bool, max_new_tokens: int
+):
+    """`keep_cached` (the engine holds the stopped segment for its tree): on a request whose path could
+    grow after it, never on one that reaches the depth limit or the token budget, nor on sequential ones."""
+    params = TreeParams(width=4, branch=2, segment_tokens=8, max_depth=6, init_branch=2)
+    sampling = SamplingParams(max_new_tokens=max_new_tokens)
+    limit = min(max_new_tokens, 6 * 8)
+    engine = ScriptedEngine(no_eos(), eos_token_id=EOS, segmented=segmented)
+    await TreeSampler(engine, decode).sample(PROMPT, params, sampling, seed=3)
+    ends = [len(r.input_ids) - len(PROMPT) + r.max_new_tokens for r in engine.requests]
+    assert [r.keep_cached for r in engine.requests] == [end < limit for end in ends]
+    assert any(end < limit for end in ends) and any(end == limit for end in ends)
+    before = len(engine.requests)
+    await TreeSampler(engine, decode).sample_sequential(PROMPT, params, sampling, seed=3)
+    assert not any(r.keep_cached for r in engine.requests[before:])
