@@ -224,26 +224,27 @@ class BlockManager:
         left = self._left_at.get(priority)
         return priority in self._present or (left is not None and self._step - left <= HOLD_GRACE_STEPS)
 
+    def _holds(self, node: TreeNode, owner: int) -> bool:
+        """Whether a hold stands: its node is a cached leaf (no continuation grew below it yet) and the
+        priority it is held for is live."""
+        return node.parent is not None and node.is_leaf and self._is_live(owner)
+
     def _hold_rank(self, leaf: TreeNode) -> int | None:
         """The priority a leaf is held for (eviction takes it last), or None."""
-        priority = self._held.get(leaf)
-        return priority if priority is not None and self._is_live(priority) else None
+        owner = self._held.get(leaf)
+        return owner if owner is not None and self._holds(leaf, owner) else None
 
     def _held_before(self, priority: int) -> int:
         """Evictable tokens held for live work older than `priority` (a newer row may not count on them)."""
         return sum(
             len(node.key)
             for node, owner in self._held.items()
-            if owner < priority and node.lock_ref == 0 and node.parent is not None and self._is_live(owner)
+            if owner < priority and node.lock_ref == 0 and self._holds(node, owner)
         )
 
     def _forget_holds(self) -> None:
-        """Drop holds whose node left the tree or grew children, or whose priority's work is over."""
-        self._held = {
-            node: owner
-            for node, owner in self._held.items()
-            if node.parent is not None and node.is_leaf and self._is_live(owner)
-        }
+        """Drop holds that no longer stand (see `_holds`), and departures older than the grace period."""
+        self._held = {node: owner for node, owner in self._held.items() if self._holds(node, owner)}
         self._left_at = {
             p: step for p, step in self._left_at.items() if self._step - step <= HOLD_GRACE_STEPS
         }
