@@ -11,7 +11,7 @@ $(BIN)/treepo: client/pyproject.toml service/pyproject.toml trainer/pyproject.to
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e client[redis] -e service -e trainer -r requirements-dev.txt
+	$(BIN)/pip install -q -e client[redis] -e service[plot] -e trainer -r requirements-dev.txt
 	@touch $(BIN)/treepo
 
 setup: $(BIN)/treepo

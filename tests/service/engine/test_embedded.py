@@ -387,7 +387,8 @@ async def test_other_llama_style_architectures_match_transformers(tmp_path, arch
 async def test_peak_kv_counts_a_locked_shared_prefix_once(engine):
     prefix = list(range(3, 13))  # 10 tokens
     await generate_all(engine, [greedy(prefix, 1)])
-    engine.reset_peaks()
+    assert engine.kv_trace == []  # a serving engine records no per-step trace
+    engine.reset_peaks(trace=True)
     outs = await generate_all(engine, [greedy([*prefix, 40 + i], 3) for i in range(2)])
     assert [o.cached_tokens for o in outs] == [10, 10]
     per_token = engine.pool.shape.bytes_per_token
@@ -395,7 +396,10 @@ async def test_peak_kv_counts_a_locked_shared_prefix_once(engine):
     assert engine.peak_kv_bytes == (10 + 2 * 3) * per_token
     assert engine.kv_token_steps == (10 + 2) + (10 + 4) + (10 + 6)  # the same, summed over its 3 steps
     assert engine.peak_running_rows == 2
+    assert engine.kv_trace == [(2, 10, 2), (2, 10, 4), (2, 10, 6)]  # rows, locked prefix, own slots per step
     assert engine.blocks.num_active_tokens == 0  # nothing held once the rows left
+    engine.reset_peaks()
+    assert engine.kv_trace == []
 
 
 def test_length_cuts_only_where_padding_wastes_enough_key_reads():

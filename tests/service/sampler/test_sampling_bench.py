@@ -83,3 +83,43 @@ def test_bench_sampling_rejects_a_kv_budget_smaller_than_one_trajectory() -> Non
     result = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
     assert result.exit_code == 2 and "cannot hold one trajectory" in result.output
     assert "raise it to at least" in result.output
+
+
+def test_bench_sampling_draws_the_kv_trace(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from treepo.service.cli import app
+
+    png = tmp_path / "kv.png"
+    args = [
+        "bench",
+        "sampling",
+        "--prompts",
+        "2",
+        "--width",
+        "4",
+        "--max-running-rows",
+        "4",
+        "--repeats",
+        "1",
+    ]
+    result = CliRunner().invoke(app, [*args, "--shapes", "", "--json", "--plot", str(png)])
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "kv_trace" not in result.output  # drawn, not printed
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--engine", "sglang"], "SGLang does not report it"), ([], "create it first")],
+)
+def test_bench_sampling_plot_errors_come_before_the_runs(tmp_path, extra, message) -> None:
+    from typer.testing import CliRunner
+
+    from treepo.service.cli import app
+
+    plot = tmp_path / "missing" / "kv.png"
+    result = CliRunner().invoke(
+        app, ["bench", "sampling", "--plot", str(plot), *extra], env={"COLUMNS": "300"}
+    )
+    assert result.exit_code == 2 and message in result.output

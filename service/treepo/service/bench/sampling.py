@@ -18,7 +18,7 @@ import os
 import platform
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -107,6 +107,13 @@ def bench_sampling(
             "row cap binds] or of the SGLang server launched here [16384].",
         ),
     ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            help="Draw the default shape's KV held and running rows per forward step (tree sync / async / "
+            "sequential, the runs kept) to this PNG (embedded engine)."
+        ),
+    ] = None,
 ) -> None:
     """Tree vs sequential sampling: trajectories/s, tokens/s, decoded tokens, prefix cache, peak KV."""
     import torch
@@ -115,6 +122,14 @@ def bench_sampling(
         raise typer.BadParameter(f"unknown regime {regime!r}; expected one of {', '.join(REGIMES)}")
     if engine not in ENGINES:
         raise typer.BadParameter(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
+    if plot is not None:  # before the runs, not after them
+        from treepo.service.bench.kv_plot import check_target
+
+        if engine != "embedded":
+            raise typer.BadParameter(
+                "--plot draws the embedded engine's per-step KV; SGLang does not report it"
+            )
+        check_target(plot)
     if threads:
         torch.set_num_threads(threads)
     table = parse_shapes(shapes)
@@ -142,6 +157,15 @@ def bench_sampling(
         temperature=temperature, seed=seed, device=device, repeats=repeats, threads=torch.get_num_threads(),
         machine=f"{platform.machine()}, {os.cpu_count()} CPU cores",
     )  # fmt: skip
+    if plot is not None:
+        from treepo.service.bench.kv_plot import plot_kv_trace
+
+        budget = f", KV budget {max_kv_tokens:,} tokens" if max_kv_tokens else ""
+        title = (
+            f"{model or 'tiny-arith'}, {regime} regime: {prompts} prompts x w={width} on {rows} rows{budget}, "
+            f"{depth}x{segment}"
+        )
+        plot_kv_trace(bench.kept, bench.kv_bytes_per_token, plot, title)
     if json_output:
         print(json.dumps(result, indent=2))
     else:
@@ -162,6 +186,7 @@ class _Bench:
     seed: int = 0
     repeats: int = 3
     median: bool = False  # keep the median run of each mode, not the fastest
+    kept: dict[str, RunStats] = field(default_factory=dict)  # the default shape's kept run of each mode
 
     @classmethod
     def load(
@@ -229,7 +254,7 @@ class _Bench:
 
     async def _measure(self, depth: int, segment: int, table: list[tuple[int, int]]) -> dict[str, Any]:
         await self.run(depth, segment, "sync", num_prompts=4)  # warm-up (allocator, kernels, lazy pool)
-        default = await self.best(depth, segment)
+        default = self.kept = await self.best(depth, segment)
         rows = []
         for d, s in table:
             runs = default if (d, s) == (depth, segment) else await self.best(d, s)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from treepo.client.schema import SamplingParams, Tree, TreeParams
 from treepo.service.engine.protocol import Engine, EngineWrapper, GenerateOutput, GenerateRequest
@@ -30,6 +30,7 @@ class RunStats:
     peak_kv_tokens: int
     peak_kv_bytes: int
     kv_token_steps: int  # KV slots held, summed over forward steps: the run's memory x time
+    kv_trace: list[tuple[int, int, int]] = field(default_factory=list)  # per step: rows, locked, owned slots
 
     @property
     def traj_per_s(self) -> float:
@@ -45,7 +46,7 @@ class RunStats:
 
     def to_dict(self) -> dict:
         return {
-            **asdict(self),
+            **{key: value for key, value in asdict(self).items() if key != "kv_trace"},  # drawn, not printed
             "traj_per_s": self.traj_per_s,
             "tokens_per_s": self.tokens_per_s,
             "traj_per_cpu_s": self.traj_per_cpu_s,
@@ -82,7 +83,8 @@ async def run_mode(
     """All prompts concurrently, every segment its own request, from a cold prefix cache.
 
     Peak KV is what the engine measured (embedded engine: slots its running rows held or locked at once),
-    KV token-steps the same summed over forward steps; 0 for engines that do not report them.
+    KV token-steps the same summed over forward steps, the KV trace the same step by step; 0 / empty for
+    engines that do not report them.
     """
     flush = getattr(engine, "flush_cache", None)
     if flush is not None:
@@ -91,7 +93,7 @@ async def run_mode(
             await flushed
     reset = getattr(engine, "reset_peaks", None)
     if reset is not None:
-        reset()
+        reset(trace=True)
     passes_before = int(getattr(engine, "num_forward_passes", 0))
     tracked = InFlightTracker(engine)
     sampler = TreeSampler(tracked, decode)
@@ -117,6 +119,7 @@ async def run_mode(
         peak_kv_tokens=peak_kv_bytes // kv_bytes_per_token if kv_bytes_per_token else 0,
         peak_kv_bytes=peak_kv_bytes,
         kv_token_steps=int(getattr(engine, "kv_token_steps", 0)),
+        kv_trace=list(getattr(engine, "kv_trace", ())),
     )
 
 

@@ -78,6 +78,7 @@ class BlockManager:
         self.peak_active_tokens = 0  # max over steps of slots the running rows hold or lock
         self.active_token_steps = 0  # sum over steps of the same: memory x time, what a KV budget rations
         self.peak_rows = 0  # max over steps of running rows (under a KV budget: how many paths it fits)
+        self.kv_trace: list[tuple[int, int, int]] | None = None  # per step, when asked: rows, locked, owned
 
     # Public API
 
@@ -131,6 +132,8 @@ class BlockManager:
         self.peak_active_tokens = max(self.peak_active_tokens, active)
         self.active_token_steps += active
         self.peak_rows = max(self.peak_rows, len(rows))
+        if self.kv_trace is not None:
+            self.kv_trace.append((len(rows), self.radix.protected_size, self.num_owned))
         return int64_tensor(slots)
 
     def cache_input(self, seq: Sequence) -> None:
@@ -185,9 +188,11 @@ class BlockManager:
         self._stopped_tokens = 0
         self._held.clear()
 
-    def reset_measures(self) -> None:
-        """Start new peak / sum measurements (benchmarks, between runs)."""
+    def reset_measures(self, *, trace: bool = False) -> None:
+        """Start new peak / sum measurements (benchmarks, between runs); with `trace`, a per-step record too
+        (off otherwise: a serving engine's would grow without bound)."""
         self.peak_active_tokens = self.active_token_steps = self.peak_rows = 0
+        self.kv_trace = [] if trace else None
 
     @property
     def num_active_tokens(self) -> int:

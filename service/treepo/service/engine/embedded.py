@@ -188,9 +188,15 @@ class EmbeddedEngine:
     def num_forward_passes(self) -> int:
         return self.runner.num_forward_passes
 
-    def reset_peaks(self) -> None:
-        """Start a new peak-KV measurement (benchmarks, between runs)."""
-        self.blocks.reset_measures()
+    def reset_peaks(self, *, trace: bool = False) -> None:
+        """Start a new peak-KV measurement (benchmarks, between runs); `trace` also records every step."""
+        self.blocks.reset_measures(trace=trace)
+
+    @property
+    def kv_trace(self) -> list[tuple[int, int, int]]:
+        """Per forward step since `reset_peaks(trace=True)`: (running rows, KV slots of locked cached
+        prefixes, KV slots the rows computed themselves)."""
+        return list(self.blocks.kv_trace or ())
 
     @property
     def peak_kv_bytes(self) -> int:
