@@ -110,16 +110,19 @@ def test_bench_sampling_draws_the_kv_trace(tmp_path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("extra", "message"),
-    [(["--engine", "sglang"], "SGLang does not report it"), ([], "create it first")],
+    ("plot", "extra", "message"),
+    [
+        ("kv.png", ["--engine", "sglang"], "SGLang does not report it"),
+        ("missing/kv.png", [], "give a file in an existing directory"),
+        (".", [], "give a file in an existing directory"),
+        ("kv.txt", [], "name it .png"),
+    ],
 )
-def test_bench_sampling_plot_errors_come_before_the_runs(tmp_path, extra, message) -> None:
+def test_bench_sampling_plot_errors_come_before_the_runs(tmp_path, plot, extra, message) -> None:
     from typer.testing import CliRunner
 
     from treepo.service.cli import app
 
-    plot = tmp_path / "missing" / "kv.png"
-    result = CliRunner().invoke(
-        app, ["bench", "sampling", "--plot", str(plot), *extra], env={"COLUMNS": "300"}
-    )
+    args = ["bench", "sampling", "--plot", str(tmp_path / plot), *extra]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
     assert result.exit_code == 2 and message in result.output

@@ -31,9 +31,16 @@ def pyplot():
 
 def check_target(path: Path) -> None:
     """Fail before a long benchmark, not after it: the PNG's folder and matplotlib must be there."""
-    if not path.parent.is_dir():
-        raise typer.BadParameter(f"--plot {path}: no directory {path.parent}; create it first")
+    if path.is_dir() or not path.parent.is_dir():
+        raise typer.BadParameter(f"--plot {path}: give a file in an existing directory ({path.parent})")
     pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix.lstrip(".").lower() not in formats:
+        raise typer.BadParameter(
+            f"--plot {path}: name it .png (or {', '.join(f'.{f}' for f in sorted(formats))})"
+        )
 
 
 def plot_kv_trace(runs: dict[str, RunStats], bytes_per_token: int, path: Path, title: str) -> Path:
