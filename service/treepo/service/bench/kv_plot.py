@@ -30,7 +30,7 @@ def pyplot():
 
 
 def check_target(path: Path) -> None:
-    """Fail before a long benchmark, not after it: the PNG's folder and matplotlib must be there."""
+    """Fail before a long benchmark, not after it: the file's folder, its format and matplotlib must be there."""
     if path.is_dir() or not path.parent.is_dir():
         raise typer.BadParameter(f"--plot {path}: give a file in an existing directory ({path.parent})")
     pyplot()
