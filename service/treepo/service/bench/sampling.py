@@ -17,7 +17,8 @@ import logging
 import os
 import platform
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -144,12 +145,14 @@ def bench_sampling(
             with sglang_engine(model_path, sglang_url, max_kv_tokens or 16384) as (server, info):
                 bench = _Bench.load(model_path, prompts, width, longest, device, rows, sglang=server)
                 bench.temperature, bench.seed, bench.repeats, bench.median = temperature, seed, repeats, True
-                result = asyncio.run(bench.measure(depth, segment, table, close=True))
+                with _progress(bench, table, depth, segment):
+                    result = asyncio.run(bench.measure(depth, segment, table, close=True))
             result["config"].update(info, engine="sglang", pick="median")
         else:
             bench = _Bench.load(model_path, prompts, width, longest, device, rows, kv_tokens=max_kv_tokens)
             bench.temperature, bench.seed, bench.repeats = temperature, seed, repeats
-            result = asyncio.run(bench.measure(depth, segment, table))
+            with _progress(bench, table, depth, segment):
+                result = asyncio.run(bench.measure(depth, segment, table))
         parameters = _parameters(model_path)
     result["config"].update(
         model=model or "tiny-arith (shipped)", regime=regime, max_running_rows=rows, parameters=parameters,
@@ -172,6 +175,20 @@ def bench_sampling(
         _print_tables(result)
 
 
+@contextmanager
+def _progress(bench: _Bench, table: list[tuple[int, int]], depth: int, segment: int) -> Iterator[None]:
+    """A bar on stderr (stdout may carry --json), one tick per run; nothing left of it when done."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    shapes = {(depth, segment), *table}
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("sampling runs", total=len(shapes) * len(MODES) * bench.repeats)
+        bench.on_run = lambda label: progress.update(task, advance=1, description=f"done: {label}")
+        yield
+
+
 @dataclass(slots=True)
 class _Bench:
     """One engine and prompt set; every run starts from a cold prefix cache."""
@@ -187,6 +204,7 @@ class _Bench:
     repeats: int = 3
     median: bool = False  # keep the median run of each mode, not the fastest
     kept: dict[str, RunStats] = field(default_factory=dict)  # the default shape's kept run of each mode
+    on_run: Callable[[str], None] = lambda label: None  # after each measured run (the progress bar)
 
     @classmethod
     def load(
@@ -238,6 +256,7 @@ class _Bench:
         for _ in range(self.repeats):
             for mode in MODES:
                 runs[mode].append(await self.run(depth, segment, mode))
+                self.on_run(f"{depth}x{segment} {mode}")
         return {
             mode: sorted(done, key=lambda r: r.wall_s)[(len(done) - 1) // 2 if self.median else 0]
             for mode, done in runs.items()
