@@ -112,7 +112,7 @@ def bench_sampling(
         Path | None,
         typer.Option(
             help="Draw the default shape's KV held and running rows per forward step (tree sync / async / "
-            "sequential, the runs kept) to this PNG (embedded engine)."
+            "sequential, the runs kept) to this image, e.g. kv.png (embedded engine)."
         ),
     ] = None,
 ) -> None:
